@@ -1,0 +1,376 @@
+"""Models: layered networks with an open forward pass, and any flax module.
+
+A ``LayeredModel`` is a sequence of parametric layers (flax ``nn.Dense`` or ``nn.Conv``). Layer l
+maps its input z_{l-1} to the pre-activation a_l = layer_l(params_l, z_{l-1}) (+ optional node
+noise eps_l); h_l = f(a_l), and the last layer has no f. Parameter-free maps between layers
+(pooling, flattening) belong to the next layer's ``pre``. With ``decorrelation=True`` every dense
+layer applies a square, non-trainable matrix R_l to its input, z = R_l h (RULES.md section 1),
+kept in the ``'decorrelation'`` collection next to ``'params'``.
+
+``apply_layered`` returns each layer's input z and pre-activation a: node perturbation, per-neuron
+training and closed-form solves need exactly these, and ``jax.jvp`` w.r.t. the node noise works.
+
+Rules that need only a forward pass accept any flax module through ``FlaxModel`` (``resnet`` is
+one). A rule that needs the layered interface refuses a ``FlaxModel`` with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Variables = dict[str, Any]  # flax variables: {'params': ..., optionally 'decorrelation': ...}
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "identity")
+
+
+def make_activation(name: str, negative_slope: float = 0.2) -> Callable[[jax.Array], jax.Array]:
+    """Activation by name; ``leaky_relu`` uses ``negative_slope`` (the NP reference uses 0.2)."""
+    if name == "relu":
+        return jax.nn.relu
+    if name == "leaky_relu":
+        return functools.partial(jax.nn.leaky_relu, negative_slope=negative_slope)
+    if name == "tanh":
+        return jnp.tanh
+    if name == "gelu":
+        return jax.nn.gelu
+    if name == "sigmoid":
+        return jax.nn.sigmoid
+    if name == "identity":
+        return lambda x: x
+    raise ValueError(f"Unknown activation {name!r}; valid choices: {', '.join(ACTIVATIONS)}.")
+
+
+def flatten(h: jax.Array) -> jax.Array:
+    return h.reshape(h.shape[0], -1)
+
+
+def max_pool(h: jax.Array, window: int = 2) -> jax.Array:
+    """Max pooling over every spatial axis of [B, *spatial, C], 'SAME' padding."""
+    dims = (window,) * (h.ndim - 2)
+    return nn.max_pool(h, dims, strides=dims, padding="SAME")
+
+
+def compose(*fns: Callable | None) -> Callable | None:
+    fns = tuple(f for f in fns if f is not None)
+    if not fns:
+        return None
+    return lambda h: functools.reduce(lambda acc, f: f(acc), fns, h)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One parametric layer: ``pre`` (parameter-free) -> ``module`` -> ``activation``."""
+
+    module: nn.Module
+    activation: Callable[[jax.Array], jax.Array] | None
+    pre: Callable[[jax.Array], jax.Array] | None = None
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+
+class Trace(NamedTuple):
+    """What a layered forward pass saw: layer inputs z_{l-1} and pre-activations a_l."""
+
+    inputs: tuple[jax.Array, ...]
+    preacts: tuple[jax.Array, ...]
+
+
+class LayeredModel:
+    """A sequence of ``Layer``s whose forward pass exposes its layer inputs and pre-activations."""
+
+    layered = True
+
+    def __init__(self, name: str, layers: Sequence[Layer], decorrelation: bool = False):
+        self.name = name
+        self.layers = tuple(layers)
+        self.decorrelation = decorrelation
+        if decorrelation:
+            bad = sorted({layer.kind for layer in self.layers if layer.kind != "Dense"})
+            if bad:
+                raise ValueError(
+                    f"Decorrelation supports Dense layers only; model {name!r} has {bad}. "
+                    "Use an mlp, or set model.decorrelation=False."
+                )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def init(self, key: jax.Array, x: jax.Array) -> Variables:
+        """Initialises every layer on a sample batch ``x`` of shape [B, *input_shape]."""
+        params, decor = {}, {}
+        h = x
+        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, self.num_layers))):
+            z = layer.pre(h) if layer.pre is not None else h
+            params[f"layer_{i}"] = layer.module.init(k, z)["params"]
+            if self.decorrelation:
+                decor[f"layer_{i}"] = jnp.eye(z.shape[-1], dtype=z.dtype)
+            a = layer.module.apply({"params": params[f"layer_{i}"]}, z)
+            h = layer.activation(a) if layer.activation is not None else a
+        variables = {"params": params}
+        if self.decorrelation:
+            variables["decorrelation"] = decor
+        return variables
+
+    def layer_apply(self, i: int, layer_params: Any, z: jax.Array) -> jax.Array:
+        """a_i = layer_i(params_i, z): the local map whose VJP gives a layer-local update."""
+        return self.layers[i].module.apply({"params": layer_params}, z)
+
+    def apply_layered(
+        self,
+        variables: Variables,
+        x: jax.Array,
+        noise: Sequence[jax.Array | None] | None = None,
+    ) -> tuple[jax.Array, Trace]:
+        """Forward pass adding ``noise[l]`` (shape of a_l, or None) to each pre-activation.
+
+        Returns the output and the ``Trace`` of layer inputs z (after decorrelation) and
+        pre-activations a (noise included).
+        """
+        params = variables["params"]
+        decor = variables.get("decorrelation")
+        inputs, preacts = [], []
+        h = x
+        for i, layer in enumerate(self.layers):
+            z = layer.pre(h) if layer.pre is not None else h
+            if decor is not None:
+                z = z @ decor[f"layer_{i}"].T  # z = R h for each sample
+            a = self.layer_apply(i, params[f"layer_{i}"], z)
+            if noise is not None and noise[i] is not None:
+                a = a + noise[i]
+            inputs.append(z)
+            preacts.append(a)
+            h = layer.activation(a) if layer.activation is not None else a
+        return h, Trace(tuple(inputs), tuple(preacts))
+
+    def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
+        return self.apply_layered(variables, x)[0]
+
+    def preact_shapes(self, variables: Variables, x: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """Shapes of the pre-activations for input ``x`` (to draw node noise)."""
+        return jax.eval_shape(lambda v, x: self.apply_layered(v, x)[1].preacts, variables, x)
+
+
+class FlaxModel:
+    """Any flax module as a forward-only model (for rules that do not need the layers)."""
+
+    layered = False
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+
+    def init(self, key: jax.Array, x: jax.Array) -> Variables:
+        variables = self.module.init(key, x)
+        return {"params": variables["params"], **{k: v for k, v in variables.items() if k != "params"}}
+
+    def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
+        return self.module.apply(variables, x)
+
+
+Model = LayeredModel | FlaxModel
+
+
+def from_flax(module: nn.Module, name: str | None = None) -> FlaxModel:
+    """Wraps a flax module ``module(x) -> outputs`` for forward-only rules."""
+    return FlaxModel(name or type(module).__name__, module)
+
+
+# --------------------------------------------------------------------------------------------
+# Provided models. Each factory takes (input_shape, num_outputs, **options).
+# --------------------------------------------------------------------------------------------
+
+def _dense(features: int) -> nn.Dense:
+    return nn.Dense(features, kernel_init=nn.initializers.he_normal())
+
+
+def _conv(features: int, kernel_size: int, spatial_dims: int) -> nn.Conv:
+    return nn.Conv(
+        features, (kernel_size,) * spatial_dims, padding="SAME",
+        kernel_init=nn.initializers.he_normal(),
+    )
+
+
+def _spatial_dims(model: str, input_shape: Sequence[int]) -> int:
+    if len(input_shape) not in (2, 3):
+        raise ValueError(
+            f"Model {model!r} needs a 1-D signal [L, C] or an image [H, W, C] input; this dataset "
+            f"has input shape {tuple(input_shape)}. Use model.name='mlp' for tables."
+        )
+    return len(input_shape) - 1
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    widths: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    negative_slope: float = 0.2,
+    decorrelation: bool = False,
+) -> LayeredModel:
+    """Multilayer perceptron: flatten -> [Dense -> f] * len(widths) -> Dense(num_outputs)."""
+    f = make_activation(activation, negative_slope)
+    sizes = [*widths, num_outputs]
+    layers = [
+        Layer(_dense(w), f if i < len(widths) else None, flatten if i == 0 else None)
+        for i, w in enumerate(sizes)
+    ]
+    return LayeredModel("mlp", layers, decorrelation)
+
+
+def _conv_stack(
+    name: str,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    layout: Sequence[int | str],
+    dense: Sequence[int],
+    kernel_size: int,
+    activation: str,
+    negative_slope: float,
+    decorrelation: bool,
+) -> LayeredModel:
+    """Convolutions (ints) and max pools ('M'), then flatten and dense layers."""
+    spatial = _spatial_dims(name, input_shape)
+    f = make_activation(activation, negative_slope)
+    layers: list[Layer] = []
+    pending: Callable | None = None
+    for item in layout:
+        if item == "M":
+            pending = compose(pending, max_pool)
+        else:
+            layers.append(Layer(_conv(int(item), kernel_size, spatial), f, pending))
+            pending = None
+    pending = compose(pending, flatten)
+    for i, w in enumerate([*dense, num_outputs]):
+        layers.append(Layer(_dense(w), f if i < len(dense) else None, pending))
+        pending = None
+    return LayeredModel(name, layers, decorrelation)
+
+
+def cnn(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    channels: Sequence[int] = (32, 64),
+    kernel_size: int = 3,
+    dense: Sequence[int] = (128,),
+    activation: str = "relu",
+    negative_slope: float = 0.2,
+    decorrelation: bool = False,
+) -> LayeredModel:
+    """Small CNN for 1-D signals (mnist1d) and images: [conv -> f -> pool] per channel count."""
+    layout = [c for ch in channels for c in (ch, "M")]
+    return _conv_stack(
+        "cnn", input_shape, num_outputs, layout, dense, kernel_size, activation, negative_slope,
+        decorrelation,
+    )
+
+
+VGG_LAYOUTS: dict[str, tuple[int | str, ...]] = {
+    "small": (32, 32, "M", 64, 64, "M"),
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (
+        64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    ),
+}
+
+
+def vgg(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    layout: str = "small",
+    dense: Sequence[int] = (512, 512),
+    activation: str = "relu",
+    negative_slope: float = 0.2,
+    decorrelation: bool = False,
+) -> LayeredModel:
+    """VGG-style network: 3x3 convolutions and max pools by ``layout`` (VGG_LAYOUTS), then dense.
+
+    ``layout='vgg16'`` on 32x32x3 inputs is the VGG16 used for CIFAR-10 by paper 004.
+    """
+    if layout not in VGG_LAYOUTS:
+        raise ValueError(f"Unknown vgg layout {layout!r}; valid choices: {', '.join(VGG_LAYOUTS)}.")
+    return _conv_stack(
+        "vgg", input_shape, num_outputs, VGG_LAYOUTS[layout], dense, 3, activation,
+        negative_slope, decorrelation,
+    )
+
+
+class ResNet(nn.Module):
+    """A small pre-activation-free residual network for 1-D signals and images."""
+
+    num_outputs: int
+    spatial_dims: int
+    stage_channels: Sequence[int] = (16, 32)
+    blocks_per_stage: int = 1
+    activation: Callable = jax.nn.relu
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = (3,) * self.spatial_dims
+        init = nn.initializers.he_normal()
+        h = self.activation(nn.Conv(self.stage_channels[0], k, padding="SAME", kernel_init=init)(x))
+        for s, c in enumerate(self.stage_channels):
+            for b in range(self.blocks_per_stage):
+                stride = (2,) * self.spatial_dims if (s > 0 and b == 0) else (1,) * self.spatial_dims
+                r = nn.Conv(c, k, strides=stride, padding="SAME", kernel_init=init)(h)
+                r = nn.Conv(c, k, padding="SAME", kernel_init=nn.initializers.zeros)(
+                    self.activation(r)
+                )
+                if h.shape[-1] != c or stride[0] != 1:
+                    h = nn.Conv(c, (1,) * self.spatial_dims, strides=stride, kernel_init=init)(h)
+                h = self.activation(h + r)
+        h = jnp.mean(h, axis=tuple(range(1, 1 + self.spatial_dims)))
+        return nn.Dense(self.num_outputs, kernel_init=init)(h)
+
+
+def resnet(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    stage_channels: Sequence[int] = (16, 32),
+    blocks_per_stage: int = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.2,
+) -> FlaxModel:
+    """Small residual network (forward-only: not for layer-wise rules).
+
+    Each block is x -> f(x + conv(f(conv(x)))) with the second conv zero-initialised, so every
+    block starts as the identity; the first block of each later stage halves the resolution.
+    """
+    spatial = _spatial_dims("resnet", input_shape)
+    module = ResNet(
+        num_outputs, spatial, tuple(stage_channels), blocks_per_stage,
+        make_activation(activation, negative_slope),
+    )
+    return FlaxModel("resnet", module)
+
+
+MODELS: dict[str, Callable[..., Model]] = {"mlp": mlp, "cnn": cnn, "vgg": vgg, "resnet": resnet}
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The configurable options of model ``name`` with their defaults."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODELS)}.")
+    params = list(inspect.signature(MODELS[name]).parameters.values())[2:]
+    return {p.name: p.default for p in params}
+
+
+def make_model(name: str, input_shape: Sequence[int], num_outputs: int, **options: Any) -> Model:
+    """Builds model ``name`` for inputs of ``input_shape``; unknown options are an error."""
+    valid = model_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for model {name!r}; valid options: {', '.join(valid)}."
+        )
+    return MODELS[name](tuple(input_shape), num_outputs, **options)

@@ -1,0 +1,49 @@
+"""Optax optimizers by name, with learning-rate schedules.
+
+Every numeric argument may be a traced value, so a sweep can ``vmap`` over the learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda lr, momentum, weight_decay: optax.sgd(lr),
+    "momentum": lambda lr, momentum, weight_decay: optax.sgd(lr, momentum=momentum),
+    "nesterov": lambda lr, momentum, weight_decay: optax.sgd(lr, momentum=momentum, nesterov=True),
+    "adam": lambda lr, momentum, weight_decay: optax.adam(lr),
+    "adamw": lambda lr, momentum, weight_decay: optax.adamw(lr, weight_decay=weight_decay),
+}
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+def make_schedule(learning_rate: Any, schedule: str, total_steps: int, warmup_steps: int):
+    """Returns the learning rate (a number) or an optax schedule."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    if schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1)
+        )
+    raise ValueError(f"Unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}.")
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: Any,
+    *,
+    momentum: Any = 0.9,
+    weight_decay: Any = 1e-4,
+    schedule: str = "constant",
+    total_steps: int = 1,
+    warmup_steps: int = 0,
+) -> optax.GradientTransformation:
+    """Builds the optax optimizer ``name`` (one of OPTIMIZERS) with an optional schedule."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")
+    lr = make_schedule(learning_rate, schedule, total_steps, warmup_steps)
+    return OPTIMIZERS[name](lr, momentum, weight_decay)

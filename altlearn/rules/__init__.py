@@ -1,0 +1,63 @@
+"""The rule registry: binaries, docs and the conformance tests all read ``RULES``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from altlearn.losses import Task
+from altlearn.models import Model
+from altlearn.rules.backprop import backprop
+from altlearn.rules.base import (
+    EstimateAux,
+    GradientRuleState,
+    LearningRule,
+    RuleSpec,
+    gradient_rule,
+    rule_options,
+)
+
+RULES: dict[str, RuleSpec] = {
+    "backprop": RuleSpec(
+        backprop, needs_layered=False, uses_optimizer=True,
+        summary="exact gradient by jax.grad; DBP on a decorrelated model", source="baseline",
+    ),
+}
+
+
+def get_rule_spec(name: str) -> RuleSpec:
+    if name not in RULES:
+        raise ValueError(f"Unknown rule {name!r}; valid choices: {', '.join(RULES)}.")
+    return RULES[name]
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """The options of rule ``name`` with their defaults."""
+    return rule_options(get_rule_spec(name))
+
+
+def make_rule(
+    name: str, model: Model, task: Task, optimizer: optax.GradientTransformation, **options: Any
+) -> LearningRule:
+    """Builds rule ``name``; checks its options and that the model offers what it needs."""
+    spec = get_rule_spec(name)
+    valid = rule_options(spec)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for rule {name!r}; valid options: "
+            f"{', '.join(valid) or '(none)'}."
+        )
+    if spec.needs_layered and not model.layered:
+        raise ValueError(
+            f"Rule {name!r} needs a layered model (mlp, cnn, vgg) to read layer inputs and "
+            f"pre-activations; model {model.name!r} offers only a forward pass."
+        )
+    return spec.factory(model, task, optimizer, **options)
+
+
+__all__ = [
+    "RULES", "EstimateAux", "GradientRuleState", "LearningRule", "RuleSpec", "backprop",
+    "get_rule_spec", "gradient_rule", "make_rule", "options_of",
+]

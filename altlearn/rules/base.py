@@ -1,0 +1,124 @@
+"""The learning-rule contract.
+
+A learning rule is a pair of pure functions built by a factory, in the manner of optax:
+
+    rule = factory(model, task, optimizer, **options)
+    state = rule.init(key, variables)
+    variables, state, metrics = rule.step(key, variables, state, batch)
+
+``variables`` is the model's flax variables dict: ``'params'`` (what is learned) and, where the
+model has them, non-trainable collections such as ``'decorrelation'`` that a rule updates by its
+own local rule. ``state`` is a pytree whose structure, shapes and dtypes never change between
+steps (it is a ``lax.scan`` carry). ``metrics`` is a dict of scalars; ``'loss'`` (the batch loss
+before the step) is always present.
+
+Numeric options (learning rates, noise scales, coefficients) may be traced values, so a sweep can
+``vmap`` over them; structural options (sizes, counts, names) are static Python values.
+
+Gradient-like rules (backprop, node perturbation, forward gradient, ...) only write an
+*estimator* ``estimate(key, variables, batch) -> (grads, aux)`` and get the rest from
+``gradient_rule``: any optax optimizer applies the estimate, and decorrelation matrices are
+updated by their local rule after each step. Their ``LearningRule.estimate`` is exposed so that
+evaluation can compare the estimate with the true gradient.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Variables = dict[str, Any]
+Batch = tuple[jax.Array, jax.Array]  # (inputs [B, ...], targets [B] or [B, K])
+Metrics = dict[str, jax.Array]
+
+
+class EstimateAux(NamedTuple):
+    loss: jax.Array  # mean batch loss of the clean pass
+    inputs: tuple[jax.Array, ...] | None  # clean layer inputs z (for decorrelation), if layered
+
+
+Estimator = Callable[[jax.Array, Variables, Batch], tuple[Any, EstimateAux]]
+
+
+class LearningRule(NamedTuple):
+    init: Callable[[jax.Array, Variables], Any]
+    step: Callable[[jax.Array, Variables, Any, Batch], tuple[Variables, Any, Metrics]]
+    estimate: Estimator | None = None  # gradient-like rules: the estimate of dL/dparams
+
+
+class RuleSpec(NamedTuple):
+    """A registry entry: how to build a rule and what it needs."""
+
+    factory: Callable[..., LearningRule]  # factory(model, task, optimizer, **options)
+    needs_layered: bool  # needs a LayeredModel (layer inputs / pre-activations)
+    uses_optimizer: bool  # hands an estimate to the configured optax optimizer
+    summary: str  # one line for the README table
+    source: str  # the paper (or 'baseline')
+
+
+def rule_options(spec: RuleSpec) -> dict[str, Any]:
+    """A rule's options with their defaults (keyword arguments after model, task, optimizer)."""
+    params = list(inspect.signature(spec.factory).parameters.values())[3:]
+    return {p.name: p.default for p in params}
+
+
+def is_concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Rejects a non-positive concrete value; traced values (sweeps) are checked by the caller."""
+    if is_concrete(value) and not float(value) > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+
+
+class GradientRuleState(NamedTuple):
+    opt_state: optax.OptState
+
+
+def decorrelation_update(
+    decor: dict[str, jax.Array], inputs: tuple[jax.Array, ...], rate: Any
+) -> dict[str, jax.Array]:
+    """R <- R - rate * C R with C = (1/B) Z^T Z, diagonal zeroed (RULES.md section 1).
+
+    ``inputs[l]`` is the clean decorrelated input Z = H R^T of layer l, shape [B, D].
+    """
+    new = {}
+    for i, z in enumerate(inputs):
+        name = f"layer_{i}"
+        r = decor[name]
+        c = (z.T @ z) / z.shape[0]
+        c = c * (1.0 - jnp.eye(c.shape[0], dtype=c.dtype))
+        new[name] = r - rate * (c @ r)
+    return new
+
+
+def gradient_rule(
+    estimate: Estimator, optimizer: optax.GradientTransformation, decorrelation_rate: Any = 0.0
+) -> LearningRule:
+    """Builds a rule that applies ``estimate``'s gradient with ``optimizer``.
+
+    If the variables hold decorrelation matrices they are updated after each step by their local
+    rule at ``decorrelation_rate``, outside the optimizer.
+    """
+
+    def init(key: jax.Array, variables: Variables) -> GradientRuleState:
+        del key
+        return GradientRuleState(optimizer.init(variables["params"]))
+
+    def step(key, variables, state, batch):
+        grads, aux = estimate(key, variables, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, variables["params"])
+        new = {**variables, "params": optax.apply_updates(variables["params"], updates)}
+        if "decorrelation" in variables:
+            new["decorrelation"] = decorrelation_update(
+                variables["decorrelation"], aux.inputs, decorrelation_rate
+            )
+        return new, GradientRuleState(opt_state), {"loss": aux.loss}
+
+    return LearningRule(init, step, estimate)

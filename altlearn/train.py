@@ -1,0 +1,215 @@
+"""The training loop: the whole run is one function of a PRNG key (purejaxrl style).
+
+    train = make_train(config)
+    state, metrics = jax.jit(train)(jax.random.key(0))          # one run
+    jax.jit(jax.vmap(train))(keys)                                # seeds in one program
+    jax.jit(jax.vmap(train))(keys, {"optimizer.learning_rate": lrs})  # a sweep
+
+``Experiment`` holds the pieces (data on the device, model, task, rule factory) and offers the
+pure functions the binary composes: ``init``, ``train_steps`` (a ``lax.scan`` over steps, run
+in chunks of ``eval_every`` by the binary) and ``evaluate``.
+
+Every random choice derives from the run key and the step number: the batch of step t comes
+from the permutation of epoch t // steps_per_epoch, and the rule's key is fold_in(key, t). A run
+resumed from a checkpoint at step t therefore continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from altlearn import config as config_lib
+from altlearn import data as data_lib
+from altlearn import losses, models, optimizers, rules
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []
+    key: jax.Array  # the run key (raw uint32 [2]); never advanced, per-step keys are folded in
+    variables: Any  # flax variables: 'params' and non-trainable collections
+    rule_state: Any
+    hparams: dict[str, jax.Array]  # sweepable hyperparameters, float32 []
+
+
+def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int):
+    """Pads a split to whole chunks of ``size``: arrays [C, size, ...] and a mask [C, size]."""
+    n = x.shape[0]
+    size = max(1, min(size, n))
+    chunks = math.ceil(n / size)
+    pad = chunks * size - n
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+    reshape = lambda a: jnp.asarray(a.reshape(chunks, size, *a.shape[1:]))
+    return reshape(x), reshape(y), reshape(mask), n
+
+
+class Experiment:
+    """Data, model, task and rule for one config; every method is pure and jittable."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):
+        config_lib.validate(config)
+        self.config = config
+        if dataset is None:
+            dataset = data_lib.load_dataset(
+                config.data.name,
+                data_dir=config.data.data_dir or None,
+                seed=config.seed,
+                validation_fraction=config.data.validation_fraction,
+                standardize=config.data.standardize,
+            )
+        self.dataset = dataset
+        self.task = losses.make_task(dataset.task, config.loss)
+        model_opts = {k: v for k, v in config.model.items() if k != "name"}
+        self.model = models.make_model(
+            config.model.name, dataset.x_train.shape[1:], dataset.num_outputs, **model_opts
+        )
+        self.spec = rules.get_rule_spec(config.rule.name)
+        self.num_train = dataset.x_train.shape[0]
+        self.batch_size = min(int(config.batch_size), self.num_train)
+        self.steps_per_epoch = self.num_train // self.batch_size
+        self.x_train = jnp.asarray(dataset.x_train)
+        self.y_train = jnp.asarray(dataset.y_train)
+        self.splits = {
+            name: _eval_chunks(x, y, config.eval_batch_size)
+            for name, x, y in (
+                ("train", dataset.x_train, dataset.y_train),
+                ("val", dataset.x_val, dataset.y_val),
+                ("test", dataset.x_test, dataset.y_test),
+            )
+            if x.shape[0] > 0
+        }
+        self.default_hparams = config_lib.hparams(config)
+        self._check_shapes()
+        # Build once on concrete values: bad rule options fail here, before anything compiles.
+        self.build_rule(self.default_hparams)
+
+    def _check_shapes(self) -> None:
+        x = self.x_train[:1]
+        try:
+            variables = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), x)
+            out = jax.eval_shape(self.model.apply, variables, x)
+        except Exception as e:  # flax raises many kinds; all mean the same thing here
+            raise ValueError(
+                f"Model {self.model.name!r} cannot take inputs of shape {tuple(x.shape[1:])} from "
+                f"dataset {self.dataset.name!r}: {type(e).__name__}: {e}"
+            ) from e
+        expected = (1, self.dataset.num_outputs)
+        if out.shape != expected:
+            raise ValueError(
+                f"Model {self.model.name!r} outputs shape {out.shape[1:]} per sample but dataset "
+                f"{self.dataset.name!r} needs {expected[1:]}."
+            )
+
+    # ---------------------------------------------------------------- building blocks
+    def build_rule(self, hp: dict[str, Any]) -> rules.LearningRule:
+        """The rule with sweepable hyperparameters taken from ``hp`` (possibly traced)."""
+        opt = config_lib.section_with(self.config, "optimizer", hp)
+        optimizer = optimizers.make_optimizer(
+            self.config.optimizer.name, total_steps=int(self.config.steps), **opt
+        )
+        options = config_lib.section_with(self.config, "rule", hp)
+        return rules.make_rule(self.config.rule.name, self.model, self.task, optimizer, **options)
+
+    def full_hparams(self, hparams: dict[str, Any] | None) -> dict[str, jax.Array]:
+        hp = dict(self.default_hparams)
+        for name, value in (hparams or {}).items():
+            if name not in hp:
+                raise ValueError(
+                    f"Unknown hyperparameter {name!r}; sweepable ones for this config: "
+                    f"{', '.join(sorted(hp)) or '(none)'}."
+                )
+            hp[name] = value
+        return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+
+    def epoch_permutations(self, key: jax.Array, first_epoch: jax.Array, num_epochs: int):
+        """Permutations of the training split for epochs first_epoch .. +num_epochs: [E, N]."""
+        epochs = first_epoch + jnp.arange(num_epochs)
+        return jax.vmap(
+            lambda e: jax.random.permutation(jax.random.fold_in(key, e), self.num_train)
+        )(epochs)
+
+    # ---------------------------------------------------------------- the pure functions
+    def init(self, key: jax.Array, hparams: dict[str, Any] | None = None) -> TrainState:
+        hp = self.full_hparams(hparams)
+        key_model, key_rule, key_run = jax.random.split(key, 3)
+        variables = self.model.init(key_model, self.x_train[:1])
+        rule_state = self.build_rule(hp).init(key_rule, variables)
+        return TrainState(jnp.zeros((), jnp.int32), key_run, variables, rule_state, hp)
+
+    def train_step(self, state: TrainState, batch: rules.base.Batch):
+        """One step of the rule on ``batch``; the rule's key is fold_in(key, step)."""
+        rule = self.build_rule(state.hparams)
+        key_rule = jax.random.fold_in(jax.random.split(state.key)[1], state.step)
+        variables, rule_state, metrics = rule.step(
+            key_rule, state.variables, state.rule_state, batch
+        )
+        new = state._replace(step=state.step + 1, variables=variables, rule_state=rule_state)
+        return new, metrics
+
+    def train_steps(self, state: TrainState, num_steps: int):
+        """``num_steps`` steps in one ``lax.scan``; returns per-step metrics [num_steps].
+
+        The batch of step t is slice t % steps_per_epoch of the permutation of epoch
+        t // steps_per_epoch. Each epoch's permutation is drawn once per chunk, up front (a
+        sort per step would cost more than a small model's step).
+        """
+        spe = self.steps_per_epoch
+        first_epoch = state.step // spe
+        perms = self.epoch_permutations(
+            jax.random.split(state.key)[0], first_epoch, num_steps // spe + 2
+        )
+
+        def body(s: TrainState, _):
+            epoch, pos = jnp.divmod(s.step, spe)
+            perm = jax.lax.dynamic_index_in_dim(perms, epoch - first_epoch, keepdims=False)
+            idx = jax.lax.dynamic_slice_in_dim(perm, pos * self.batch_size, self.batch_size)
+            return self.train_step(s, (self.x_train[idx], self.y_train[idx]))
+
+        return jax.lax.scan(body, state, None, length=num_steps)
+
+    def evaluate_split(self, variables: Any, split: str) -> dict[str, jax.Array]:
+        """Mean loss (and accuracy) over a whole split, in chunks of ``eval_batch_size``."""
+        xs, ys, masks, n = self.splits[split]
+
+        def chunk(args):
+            x, y, mask = args
+            out = self.model.apply(variables, x)
+            per = {"loss": self.task.loss(out, y)}
+            if self.task.is_classification:
+                per["accuracy"] = (jnp.argmax(out, -1) == y).astype(jnp.float32)
+            return {k: jnp.sum(v * mask) for k, v in per.items()}
+
+        sums = jax.lax.map(chunk, (xs, ys, masks))
+        return {k: jnp.sum(v) / n for k, v in sums.items()}
+
+    def evaluate(self, state: TrainState) -> dict[str, jax.Array]:
+        """``{split}_{metric}`` for every non-empty split (train, val, test)."""
+        out = {}
+        for split in self.splits:
+            for name, value in self.evaluate_split(state.variables, split).items():
+                out[f"{split}_{name}"] = value
+        return out
+
+
+def make_train(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):
+    """Returns ``train(key, hparams=None) -> (final TrainState, metrics)`` for ``config.steps``.
+
+    ``metrics['step']`` holds the per-step rule metrics ([steps] each) and ``metrics['eval']``
+    the final evaluation. Jit it, vmap it over keys and hyperparameters.
+    """
+    experiment = Experiment(config, dataset)
+
+    def train(key: jax.Array, hparams: dict[str, Any] | None = None):
+        state = experiment.init(key, hparams)
+        state, step_metrics = experiment.train_steps(state, int(config.steps))
+        return state, {"step": step_metrics, "eval": experiment.evaluate(state)}
+
+    train.experiment = experiment
+    return train

@@ -26,8 +26,17 @@ from altlearn import losses, models, optimizers, rules
 
 HPARAM_SECTIONS = ("rule", "optimizer")
 TOP_LEVEL_KEYS = {
-    "seed", "steps", "batch_size", "eval_every", "eval_batch_size", "loss", "keep_checkpoints",
-    "rule", "model", "data", "optimizer",
+    "seed",
+    "steps",
+    "batch_size",
+    "eval_every",
+    "eval_batch_size",
+    "loss",
+    "keep_checkpoints",
+    "rule",
+    "model",
+    "data",
+    "optimizer",
 }
 DATA_KEYS = {"name", "data_dir", "validation_fraction", "standardize"}
 OPTIMIZER_KEYS = {"name", "learning_rate", "momentum", "weight_decay", "schedule", "warmup_steps"}
@@ -56,8 +65,12 @@ def base_config(
     )
     c.optimizer = ml_collections.ConfigDict(
         {
-            "name": "adam", "learning_rate": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
-            "schedule": "constant", "warmup_steps": 0,
+            "name": "adam",
+            "learning_rate": 1e-3,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "schedule": "constant",
+            "warmup_steps": 0,
         }
     )
     return c
@@ -95,11 +108,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     hint = " (A config file made for another {0} carries its options: pick the {0} with the "
     hint += "config variant, e.g. --config=experiments/configs/default.py:{0}=NAME.)"
     _check_keys(
-        "rule", set(config.rule.keys()), {"name", *rules.options_of(config.rule.name)},
+        "rule",
+        set(config.rule.keys()),
+        {"name", *rules.options_of(config.rule.name)},
         hint.format("rule"),
     )
     _check_keys(
-        "model", set(config.model.keys()), {"name", *models.model_options(config.model.name)},
+        "model",
+        set(config.model.keys()),
+        {"name", *models.model_options(config.model.name)},
         hint.format("model"),
     )
     _check_keys("data", set(config.data.keys()), DATA_KEYS)
@@ -127,7 +144,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if int(config[key]) <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {config[key]}.")
     if not config.optimizer.learning_rate > 0:
-        raise ValueError(f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}.")
+        raise ValueError(
+            f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}."
+        )
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, float]:

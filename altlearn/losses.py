@@ -6,7 +6,8 @@ so nothing here averages over the batch. The batch loss is the mean of these.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

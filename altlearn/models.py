@@ -172,7 +172,10 @@ class FlaxModel:
 
     def init(self, key: jax.Array, x: jax.Array) -> Variables:
         variables = self.module.init(key, x)
-        return {"params": variables["params"], **{k: v for k, v in variables.items() if k != "params"}}
+        return {
+            "params": variables["params"],
+            **{k: v for k, v in variables.items() if k != "params"},
+        }
 
     def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
         return self.module.apply(variables, x)
@@ -190,13 +193,16 @@ def from_flax(module: nn.Module, name: str | None = None) -> FlaxModel:
 # Provided models. Each factory takes (input_shape, num_outputs, **options).
 # --------------------------------------------------------------------------------------------
 
+
 def _dense(features: int) -> nn.Dense:
     return nn.Dense(features, kernel_init=nn.initializers.he_normal())
 
 
 def _conv(features: int, kernel_size: int, spatial_dims: int) -> nn.Conv:
     return nn.Conv(
-        features, (kernel_size,) * spatial_dims, padding="SAME",
+        features,
+        (kernel_size,) * spatial_dims,
+        padding="SAME",
         kernel_init=nn.initializers.he_normal(),
     )
 
@@ -270,7 +276,14 @@ def cnn(
     """Small CNN for 1-D signals (mnist1d) and images: [conv -> f -> pool] per channel count."""
     layout = [c for ch in channels for c in (ch, "M")]
     return _conv_stack(
-        "cnn", input_shape, num_outputs, layout, dense, kernel_size, activation, negative_slope,
+        "cnn",
+        input_shape,
+        num_outputs,
+        layout,
+        dense,
+        kernel_size,
+        activation,
+        negative_slope,
         decorrelation,
     )
 
@@ -279,7 +292,24 @@ VGG_LAYOUTS: dict[str, tuple[int | str, ...]] = {
     "small": (32, 32, "M", 64, 64, "M"),
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (
-        64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
     ),
 }
 
@@ -300,8 +330,15 @@ def vgg(
     if layout not in VGG_LAYOUTS:
         raise ValueError(f"Unknown vgg layout {layout!r}; valid choices: {', '.join(VGG_LAYOUTS)}.")
     return _conv_stack(
-        "vgg", input_shape, num_outputs, VGG_LAYOUTS[layout], dense, 3, activation,
-        negative_slope, decorrelation,
+        "vgg",
+        input_shape,
+        num_outputs,
+        VGG_LAYOUTS[layout],
+        dense,
+        3,
+        activation,
+        negative_slope,
+        decorrelation,
     )
 
 
@@ -321,7 +358,9 @@ class ResNet(nn.Module):
         h = self.activation(nn.Conv(self.stage_channels[0], k, padding="SAME", kernel_init=init)(x))
         for s, c in enumerate(self.stage_channels):
             for b in range(self.blocks_per_stage):
-                stride = (2,) * self.spatial_dims if (s > 0 and b == 0) else (1,) * self.spatial_dims
+                stride = (
+                    (2,) * self.spatial_dims if (s > 0 and b == 0) else (1,) * self.spatial_dims
+                )
                 r = nn.Conv(c, k, strides=stride, padding="SAME", kernel_init=init)(h)
                 r = nn.Conv(c, k, padding="SAME", kernel_init=nn.initializers.zeros)(
                     self.activation(r)
@@ -348,7 +387,10 @@ def resnet(
     """
     spatial = _spatial_dims("resnet", input_shape)
     module = ResNet(
-        num_outputs, spatial, tuple(stage_channels), blocks_per_stage,
+        num_outputs,
+        spatial,
+        tuple(stage_channels),
+        blocks_per_stage,
         make_activation(activation, negative_slope),
     )
     return FlaxModel("resnet", module)

@@ -5,7 +5,8 @@ Every numeric argument may be a traced value, so a sweep can ``vmap`` over the l
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 

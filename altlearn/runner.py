@@ -23,9 +23,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from altlearn import plotting
+from altlearn.data import Dataset
 from altlearn.train import Experiment, TrainState
 
-RESUMABLE_KEYS = ("steps",)  # config keys that may change when a run is resumed or extended
+RESUMABLE_KEYS = ("steps", "eval_every", "keep_checkpoints")  # may change on resume
 
 
 class DivergenceError(RuntimeError):
@@ -43,9 +44,7 @@ def _check_same_run(path: Path, config: ml_collections.ConfigDict) -> None:
         old.pop(key, None)
         new.pop(key, None)
     if old != new:
-        diff = sorted(
-            k for k in set(old) | set(new) if old.get(k) != new.get(k)
-        )
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(
             f"Workdir {path.parent} holds a run with a different config (differs in: "
             f"{', '.join(diff)}). Use a new --workdir, or delete the old one to start over."
@@ -65,15 +64,17 @@ def run(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
     on_eval: Callable[[dict[str, float]], None] | None = None,
+    dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Trains ``config`` into ``workdir`` (resuming if it holds a checkpoint); returns the summary.
 
     ``on_eval(record)`` is called after every evaluation (after the checkpoint is written).
+    ``dataset`` replaces the one ``config.data`` names (for arrays of your own).
     """
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    experiment = Experiment(config)  # validates the config and loads the data first
+    experiment = Experiment(config, dataset)  # validates the config and loads the data first
     config_path = workdir / "config.json"
     if config_path.exists():
         _check_same_run(config_path, config)
@@ -82,11 +83,12 @@ def run(
     manager = ocp.CheckpointManager(
         workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=int(config.keep_checkpoints), create=True,
+            max_to_keep=int(config.keep_checkpoints),
+            create=True,
             enable_async_checkpointing=False,
         ),
     )
-    state = experiment.init(jax.random.PRNGKey(config.seed))
+    state = jax.jit(experiment.init)(jax.random.PRNGKey(config.seed))
     start_step = manager.latest_step()
     if start_step is not None:
         state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
@@ -170,11 +172,14 @@ def run(
             manager.wait_until_finished()
             logging.info(
                 "step %d/%d  loss %.4f  %s  %.0f steps/s  ETA %s",
-                record["step"], steps, record["train_loss_running"],
+                record["step"],
+                steps,
+                record["train_loss_running"],
                 "  ".join(
                     f"{k} {record[k]:.4f}" for k in ("val_loss", "val_accuracy") if k in record
                 ),
-                rate, _format_eta((steps - record["step"]) / rate),
+                rate,
+                _format_eta((steps - record["step"]) / rate),
             )
             if on_eval is not None:
                 on_eval(record)
@@ -195,6 +200,9 @@ def run(
         "steps_per_s": trained / train_time if train_time > 0 else None,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plotting.plot_curves(records, workdir / "curves.png", title=f"{config.rule.name} / "
-                         f"{config.model.name} / {config.data.name}")
+    plotting.plot_curves(
+        records,
+        workdir / "curves.png",
+        title=f"{config.rule.name} / {config.model.name} / {config.data.name}",
+    )
     return summary

@@ -20,8 +20,11 @@ from altlearn.rules.base import (
 
 RULES: dict[str, RuleSpec] = {
     "backprop": RuleSpec(
-        backprop, needs_layered=False, uses_optimizer=True,
-        summary="exact gradient by jax.grad; DBP on a decorrelated model", source="baseline",
+        backprop,
+        needs_layered=False,
+        uses_optimizer=True,
+        summary="exact gradient by jax.grad; DBP on a decorrelated model",
+        source="baseline",
     ),
 }
 
@@ -58,6 +61,14 @@ def make_rule(
 
 
 __all__ = [
-    "RULES", "EstimateAux", "GradientRuleState", "LearningRule", "RuleSpec", "backprop",
-    "get_rule_spec", "gradient_rule", "make_rule", "options_of",
+    "RULES",
+    "EstimateAux",
+    "GradientRuleState",
+    "LearningRule",
+    "RuleSpec",
+    "backprop",
+    "get_rule_spec",
+    "gradient_rule",
+    "make_rule",
+    "options_of",
 ]

@@ -22,7 +22,7 @@ def backprop(
     optimizer: optax.GradientTransformation,
     decorrelation_rate: Any = 1e-3,
 ) -> LearningRule:
-    """Exact gradients by ``jax.grad``; ``decorrelation_rate`` is used only by decorrelated models."""
+    """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
 
     def batch_loss(params, variables, x, y):
         variables = {**variables, "params": params}

@@ -1,0 +1,167 @@
+"""The experiment binary end to end: outputs, determinism, resume, NaN, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from altlearn import rules, runner
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
+
+
+def run_binary(workdir, *flags, timeout=240):
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+DIGITS_FLAGS = (
+    "--config=experiments/configs/digits.py",
+    "--config.steps=60",
+    "--config.eval_every=20",
+    "--config.model.widths=(32,)",
+)
+
+
+def test_binary_writes_every_output(tmp_path):
+    result = run_binary(tmp_path, *DIGITS_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rule"]["name"] == "backprop" and config["steps"] == 60
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 20, 40, 60]
+    assert {"train_loss", "val_accuracy", "test_accuracy", "steps_per_s"} <= set(records[-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (*FIGURES, "compile_time_s", "wall_time_s", "steps_per_s"):
+        assert np.isfinite(summary[key]), key
+    assert summary["step"] == 60 and summary["test_accuracy"] > 0.5
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "40",
+        "60",
+    ]
+    assert "Results are in" in result.stdout
+
+
+def _figures(workdir):
+    summary = json.loads((Path(workdir) / "summary.json").read_text())
+    return {k: summary[k] for k in FIGURES}
+
+
+def test_same_config_gives_identical_numbers(tmp_path):
+    config = tiny_config(steps=30)
+    runner.run(config, tmp_path / "a")
+    runner.run(config, tmp_path / "b")
+    assert _figures(tmp_path / "a") == _figures(tmp_path / "b")
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
+    config = tiny_config(steps=60, eval_every=10)
+    runner.run(config, tmp_path / "whole")
+
+    def interrupt(record):
+        if record["step"] == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(config, tmp_path / "cut", on_eval=interrupt)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    runner.run(config, tmp_path / "cut")
+    assert _figures(tmp_path / "cut") == _figures(tmp_path / "whole")
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
+    flags = (*DIGITS_FLAGS[:1], "--config.steps=3000", "--config.eval_every=100")
+    whole = run_binary(tmp_path / "whole", *flags)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'cut'}", *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "summary.json").exists(), "killed too late to test resuming"
+    resumed = run_binary(tmp_path / "cut", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from the checkpoint" in resumed.stderr
+    assert _figures(tmp_path / "cut") == _figures(tmp_path / "whole")
+
+
+def _diverges_at_step_5(model, task, optimizer):
+    """Backprop whose parameters turn to NaN in the update of step 5."""
+    inner = rules.backprop(model, task, optimizer)
+
+    def init(key, variables):
+        return (inner.init(key, variables), jnp.zeros((), jnp.int32))
+
+    def step(key, variables, state, batch):
+        inner_state, count = state
+        variables, inner_state, metrics = inner.step(key, variables, inner_state, batch)
+        poison = jnp.where(count == 5, jnp.nan, 1.0)
+        variables = {**variables, "params": jax.tree.map(lambda p: p * poison, variables["params"])}
+        return variables, (inner_state, count + 1), metrics
+
+    return rules.LearningRule(init, step)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        rules.RULES, "diverging", rules.RuleSpec(_diverges_at_step_5, False, True, "", "")
+    )
+    config = tiny_config("diverging", steps=40, eval_every=2)
+    with pytest.raises(
+        runner.DivergenceError, match=r"at step 6 .*last good checkpoint \(step 4\)"
+    ):
+        runner.run(config, tmp_path)
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == 4
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    runner.run(tiny_config(steps=10), tmp_path)
+    with pytest.raises(ValueError, match="different config .*optimizer"):
+        runner.run(tiny_config(steps=10, **{"optimizer.learning_rate": 0.5}), tmp_path)
+    runner.run(tiny_config(steps=20), tmp_path)  # more steps: the run is extended
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 20
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (("--config.rule.name=hebbian",), "Unknown rule 'hebbian'; valid choices: backprop"),
+        (("--config.rule.sigma=0.1",), "unknown config key 'rule.sigma'"),
+        (("--config=experiments/configs/default.py:data=mnist",), "train-images-idx3-ubyte"),
+        (("--config=experiments/configs/default.py:data=iris,model=cnn",), "1-D signal"),
+        (("--config.model.name=cnn",), "Unknown config key(s) model.widths"),
+    ],
+)
+def test_binary_bad_input_is_a_clear_error(tmp_path, flags, message):
+    result = run_binary(tmp_path, *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

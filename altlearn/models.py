@@ -90,10 +90,19 @@ class LayeredModel:
 
     layered = True
 
-    def __init__(self, name: str, layers: Sequence[Layer], decorrelation: bool = False):
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[Layer],
+        decorrelation: bool = False,
+        intrinsic_noise: float = 0.0,
+    ):
         self.name = name
         self.layers = tuple(layers)
         self.decorrelation = decorrelation
+        if intrinsic_noise < 0:
+            raise ValueError(f"intrinsic_noise must be >= 0, got {intrinsic_noise}.")
+        self.intrinsic_noise = intrinsic_noise
         if decorrelation:
             bad = sorted({layer.kind for layer in self.layers if layer.kind != "Dense"})
             if bad:
@@ -131,13 +140,21 @@ class LayeredModel:
         variables: Variables,
         x: jax.Array,
         noise: Sequence[jax.Array | None] | None = None,
+        key: jax.Array | None = None,
     ) -> tuple[jax.Array, Trace]:
         """Forward pass adding ``noise[l]`` (shape of a_l, or None) to each pre-activation.
 
+        A model built with ``intrinsic_noise > 0`` is a *noisy system*: given a ``key``, every
+        pre-activation also gets N(0, intrinsic_noise^2) noise that the caller never sees (as in
+        analogue or biological hardware). Without a key the pass is noise-free (evaluation).
+
         Returns the output and the ``Trace`` of layer inputs z (after decorrelation) and
-        pre-activations a (noise included).
+        pre-activations a (all noise included).
         """
         params = variables["params"]
+        keys = [None] * self.num_layers
+        if key is not None and self.intrinsic_noise > 0:
+            keys = list(jax.random.split(key, self.num_layers))
         decor = variables.get("decorrelation")
         inputs, preacts = [], []
         h = x
@@ -148,6 +165,8 @@ class LayeredModel:
             a = self.layer_apply(i, params[f"layer_{i}"], z)
             if noise is not None and noise[i] is not None:
                 a = a + noise[i]
+            if keys[i] is not None:
+                a = a + self.intrinsic_noise * jax.random.normal(keys[i], a.shape, a.dtype)
             inputs.append(z)
             preacts.append(a)
             h = layer.activation(a) if layer.activation is not None else a
@@ -223,6 +242,7 @@ def mlp(
     activation: str = "relu",
     negative_slope: float = 0.2,
     decorrelation: bool = False,
+    intrinsic_noise: float = 0.0,
 ) -> LayeredModel:
     """Multilayer perceptron: flatten -> [Dense -> f] * len(widths) -> Dense(num_outputs)."""
     f = make_activation(activation, negative_slope)
@@ -231,7 +251,7 @@ def mlp(
         Layer(_dense(w), f if i < len(widths) else None, flatten if i == 0 else None)
         for i, w in enumerate(sizes)
     ]
-    return LayeredModel("mlp", layers, decorrelation)
+    return LayeredModel("mlp", layers, decorrelation, intrinsic_noise)
 
 
 def _conv_stack(
@@ -244,6 +264,7 @@ def _conv_stack(
     activation: str,
     negative_slope: float,
     decorrelation: bool,
+    intrinsic_noise: float,
 ) -> LayeredModel:
     """Convolutions (ints) and max pools ('M'), then flatten and dense layers."""
     spatial = _spatial_dims(name, input_shape)
@@ -260,7 +281,7 @@ def _conv_stack(
     for i, w in enumerate([*dense, num_outputs]):
         layers.append(Layer(_dense(w), f if i < len(dense) else None, pending))
         pending = None
-    return LayeredModel(name, layers, decorrelation)
+    return LayeredModel(name, layers, decorrelation, intrinsic_noise)
 
 
 def cnn(
@@ -272,6 +293,7 @@ def cnn(
     activation: str = "relu",
     negative_slope: float = 0.2,
     decorrelation: bool = False,
+    intrinsic_noise: float = 0.0,
 ) -> LayeredModel:
     """Small CNN for 1-D signals (mnist1d) and images: [conv -> f -> pool] per channel count."""
     layout = [c for ch in channels for c in (ch, "M")]
@@ -285,6 +307,7 @@ def cnn(
         activation,
         negative_slope,
         decorrelation,
+        intrinsic_noise,
     )
 
 
@@ -322,6 +345,7 @@ def vgg(
     activation: str = "relu",
     negative_slope: float = 0.2,
     decorrelation: bool = False,
+    intrinsic_noise: float = 0.0,
 ) -> LayeredModel:
     """VGG-style network: 3x3 convolutions and max pools by ``layout`` (VGG_LAYOUTS), then dense.
 
@@ -339,6 +363,7 @@ def vgg(
         activation,
         negative_slope,
         decorrelation,
+        intrinsic_noise,
     )
 
 

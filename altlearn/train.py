@@ -37,6 +37,19 @@ class TrainState(NamedTuple):
     hparams: dict[str, jax.Array]  # sweepable hyperparameters, float32 []
 
 
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
+
+
+def mean_offdiagonal_correlation(z: jax.Array) -> jax.Array:
+    """Mean |C_ij| / sqrt(C_ii C_jj) over i != j, C = Z^T Z / B (uncentred, as the rule uses)."""
+    c = z.T @ z / z.shape[0]
+    d = jnp.sqrt(jnp.clip(jnp.diag(c), 1e-30))
+    corr = jnp.abs(c / d[:, None] / d[None, :])
+    n = c.shape[0]
+    return (jnp.sum(corr) - jnp.trace(corr)) / max(n * (n - 1), 1)
+
+
 def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int):
     """Pads a split to whole chunks of ``size``: arrays [C, size, ...] and a mask [C, size]."""
     n = x.shape[0]
@@ -189,13 +202,43 @@ class Experiment:
         sums = jax.lax.map(chunk, (xs, ys, masks))
         return {k: jnp.sum(v) / n for k, v in sums.items()}
 
+    def diagnostics(self, state: TrainState) -> dict[str, jax.Array]:
+        """Rule diagnostics on a fixed probe batch (the first ``batch_size`` training samples).
+
+        - ``grad_cosine`` and ``grad_cosine/<layer>``: cosine similarity between a
+          gradient-like rule's estimate and the true backprop gradient of the noise-free loss.
+        - ``input_correlation/<layer>``: mean |off-diagonal correlation| of each decorrelated
+          layer's input (what decorrelation drives towards zero).
+        """
+        out = {}
+        x, y = self.x_train[: self.batch_size], self.y_train[: self.batch_size]
+        variables = state.variables
+        rule = self.build_rule(state.hparams)
+        if rule.estimate is not None:
+            key = jax.random.fold_in(jax.random.split(state.key, 3)[2], state.step)
+            estimate, _ = rule.estimate(key, variables, (x, y))
+            true = jax.grad(
+                lambda p: jnp.mean(
+                    self.task.loss(self.model.apply({**variables, "params": p}, x), y)
+                )
+            )(variables["params"])
+            flat = lambda t: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(t)])
+            out["grad_cosine"] = _cosine(flat(estimate), flat(true))
+            for name in true:
+                out[f"grad_cosine/{name}"] = _cosine(flat(estimate[name]), flat(true[name]))
+        if "decorrelation" in variables:
+            _, trace = self.model.apply_layered(variables, x)
+            for i, z in enumerate(trace.inputs):
+                out[f"input_correlation/layer_{i}"] = mean_offdiagonal_correlation(z)
+        return out
+
     def evaluate(self, state: TrainState) -> dict[str, jax.Array]:
-        """``{split}_{metric}`` for every non-empty split (train, val, test)."""
+        """``{split}_{metric}`` for every non-empty split (train, val, test), and diagnostics."""
         out = {}
         for split in self.splits:
             for name, value in self.evaluate_split(state.variables, split).items():
                 out[f"{split}_{name}"] = value
-        return out
+        return {**out, **self.diagnostics(state)}
 
 
 def make_train(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):

@@ -17,7 +17,8 @@ from altlearn.train import Experiment, make_train
 # rule -> settings on the tiny problem (digits, MLP 64-32-10):
 #   overrides: config overrides; steps: the budget for the learning test;
 #   max_train_loss / min_test_accuracy: the bounds the rule must pass within that budget;
-#   sweep: (hyperparameter, two values) for the vmap test.
+#   sweep: (hyperparameter, two values) for the vmap test;
+#   learning_overrides: extra overrides for the learning test only.
 SETUPS = {
     "backprop": dict(
         overrides={"optimizer.learning_rate": 1e-2},
@@ -26,6 +27,29 @@ SETUPS = {
         min_test_accuracy=0.92,
         sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
     ),
+    "node_perturbation": dict(
+        overrides={"rule.sigma": 1e-2, "optimizer.learning_rate": 3e-3},
+        steps=300,
+        max_train_loss=0.7,
+        min_test_accuracy=0.80,
+        sweep=("rule.sigma", (1e-2, 3e-2)),
+    ),
+    "weight_perturbation": dict(
+        overrides={"rule.sigma": 1e-2, "optimizer.learning_rate": 3e-3},
+        learning_overrides={"rule.num_noise_samples": 16},
+        steps=400,
+        max_train_loss=1.2,
+        min_test_accuracy=0.60,
+        sweep=("rule.sigma", (1e-2, 3e-2)),
+    ),
+    "forward_gradient": dict(
+        overrides={"optimizer.learning_rate": 3e-3},
+        learning_overrides={"rule.num_noise_samples": 16},
+        steps=400,
+        max_train_loss=1.2,
+        min_test_accuracy=0.60,
+        sweep=("optimizer.learning_rate", (1e-3, 3e-3)),
+    ),
 }
 
 RULE_NAMES = sorted(RULES)
@@ -33,6 +57,11 @@ RULE_NAMES = sorted(RULES)
 
 def _config(rule, steps=6, **extra):
     return tiny_config(rule, steps=steps, **{**SETUPS[rule]["overrides"], **extra})
+
+
+def _learning_config(rule):
+    setup = SETUPS[rule]
+    return _config(rule, steps=setup["steps"], **setup.get("learning_overrides", {}))
 
 
 def test_every_rule_has_a_setup():
@@ -114,7 +143,7 @@ def test_vmap_over_numeric_hyperparameter(rule):
 @pytest.mark.parametrize("rule", RULE_NAMES)
 def test_learns_on_a_small_problem(rule):
     setup = SETUPS[rule]
-    train = make_train(_config(rule, steps=setup["steps"]))
+    train = make_train(_learning_config(rule))
     _, metrics = jax.jit(train)(jax.random.PRNGKey(0))
     first_losses = float(np.mean(metrics["step"]["loss"][:5]))
     train_loss = float(metrics["eval"]["train_loss"])

@@ -43,9 +43,10 @@ def test_evaluate_matches_a_direct_computation(experiment):
     accuracy = (np.argmax(out, -1) == ds.y_test).mean()
     np.testing.assert_allclose(metrics["test_loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["test_accuracy"], accuracy, rtol=1e-6)
-    assert set(metrics) == {
-        f"{s}_{m}" for s in ("train", "val", "test") for m in ("loss", "accuracy")
-    }
+    splits = {f"{s}_{m}" for s in ("train", "val", "test") for m in ("loss", "accuracy")}
+    assert splits <= set(metrics)
+    np.testing.assert_allclose(metrics["grad_cosine"], 1.0, rtol=1e-5)  # backprop is exact
+    assert {"grad_cosine/layer_0", "grad_cosine/layer_1"} <= set(metrics)
 
 
 def test_hyperparameters_are_the_floats_of_rule_and_optimizer():
@@ -73,7 +74,7 @@ def test_unknown_hyperparameter_is_an_error(experiment):
         ({"loss": "hinge"}, "valid choices: auto, cross_entropy, squared_error"),
         ({"batch_size": 0}, "positive integer"),
         ({"optimizer.learning_rate": -1.0}, "must be > 0"),
-        ({"model.depth": 3}, "valid keys: activation, decorrelation, name"),
+        ({"model.depth": 3}, "valid keys: activation, decorrelation, intrinsic_noise, name"),
     ],
 )
 def test_bad_config_names_the_valid_choices(overrides, match):

@@ -17,6 +17,11 @@ from altlearn.rules.base import (
     gradient_rule,
     rule_options,
 )
+from altlearn.rules.node_perturbation import (
+    forward_gradient,
+    node_perturbation,
+    weight_perturbation,
+)
 
 RULES: dict[str, RuleSpec] = {
     "backprop": RuleSpec(
@@ -25,6 +30,28 @@ RULES: dict[str, RuleSpec] = {
         uses_optimizer=True,
         summary="exact gradient by jax.grad; DBP on a decorrelated model",
         source="baseline",
+    ),
+    "node_perturbation": RuleSpec(
+        node_perturbation,
+        needs_layered=True,
+        uses_optimizer=True,
+        summary="noise on every pre-activation, learning from the per-sample loss change "
+        "(variants np, anp, inp; finite difference or jvp); DNP/DANP/DINP on a decorrelated model",
+        source="paper 003 (Dalm et al., arXiv 2310.00965)",
+    ),
+    "weight_perturbation": RuleSpec(
+        weight_perturbation,
+        needs_layered=False,
+        uses_optimizer=True,
+        summary="noise on the weights, loss change between two forward passes",
+        source="relative of paper 003",
+    ),
+    "forward_gradient": RuleSpec(
+        forward_gradient,
+        needs_layered=False,
+        uses_optimizer=True,
+        summary="weight-space directional derivative along a random tangent (one jvp)",
+        source="Baydin et al. 2022",
     ),
 }
 
@@ -67,8 +94,11 @@ __all__ = [
     "LearningRule",
     "RuleSpec",
     "backprop",
+    "forward_gradient",
     "get_rule_spec",
     "gradient_rule",
     "make_rule",
+    "node_perturbation",
     "options_of",
+    "weight_perturbation",
 ]

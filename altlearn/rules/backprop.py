@@ -24,18 +24,17 @@ def backprop(
 ) -> LearningRule:
     """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
 
-    def batch_loss(params, variables, x, y):
+    def batch_loss(params, variables, x, y, key):
         variables = {**variables, "params": params}
-        if model.layered:
-            out, trace = model.apply_layered(variables, x)
+        if model.layered:  # on a noisy system (intrinsic_noise > 0) the pass is noisy too
+            out, trace = model.apply_layered(variables, x, key=key)
             return task.loss(out, y).mean(), trace.inputs
         return task.loss(model.apply(variables, x), y).mean(), None
 
     def estimate(key, variables, batch):
-        del key
         x, y = batch
         (loss, inputs), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-            variables["params"], variables, x, y
+            variables["params"], variables, x, y, key
         )
         return grads, EstimateAux(loss, inputs)
 

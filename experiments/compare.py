@@ -1,0 +1,153 @@
+"""Compares methods over seeds: every (dataset, method) trains all its seeds as ONE vmapped
+program, evaluated every ``eval_every`` steps; writes a JSON file, a markdown table and a plot.
+
+    python -m experiments.compare --config=experiments/configs/np_family.py \\
+        --methods=bp,dbp,np,anp,inp,dnp,danp,dinp,fg,wp --data=digits,mnist1d --seeds=3 \\
+        --out=docs/results/np_family
+
+``--config`` names a config file whose ``get_config`` takes ``method=M,data=D`` (plus
+``--variant_extra`` appended, e.g. ``mode=jvp``). Seeds vary the initialisation, the batches and
+the rule's noise; the data split is fixed by the config's ``seed``. Equal steps and batch for
+every method of a dataset come from the config file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from altlearn.plotting import plot_comparison
+from altlearn.train import Experiment
+
+_CONFIG = flags.DEFINE_string("config", "experiments/configs/np_family.py", "Config file.")
+_METHODS = flags.DEFINE_list("methods", ["bp", "danp"], "Methods (the config's method names).")
+_DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
+_EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
+_STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps.")
+_OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
+
+
+def load_get_config(path: str):
+    spec = importlib.util.spec_from_file_location("_compare_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
+
+
+def forward_passes(config) -> str:
+    """Forward-pass equivalents one step spends (B = backward pass, J = jvp pass)."""
+    rule = config.rule
+    layers = len(config.model.widths) + 1
+    m = int(rule.get("num_noise_samples", 1))
+    if rule.name == "backprop":
+        return "1 + 1B"
+    if rule.name == "forward_gradient":
+        return f"{m}J"
+    if rule.name == "weight_perturbation":
+        return f"1 + {m}"
+    noisy = layers if rule.variant == "inp" else 1
+    if rule.mode == "jvp":
+        return f"1 + {m * noisy}J"
+    return f"1 + {m * noisy}"
+
+
+def run_one(config, seeds: int) -> dict:
+    """Trains ``seeds`` seeds of ``config`` in one vmapped program; returns curves and figures."""
+    experiment = Experiment(config)
+    keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
+    state = jax.jit(jax.vmap(experiment.init))(keys)
+    steps, every = int(config.steps), int(config.eval_every)
+    evaluate = jax.jit(jax.vmap(experiment.evaluate))
+    t = time.perf_counter()
+    chunk = (
+        jax.jit(jax.vmap(lambda s: experiment.train_steps(s, every)), donate_argnums=0)
+        .lower(state)
+        .compile()
+    )
+    compile_time = time.perf_counter() - t
+    curves = [{"step": 0, **{k: np.asarray(v).tolist() for k, v in evaluate(state).items()}}]
+    train_time = 0.0
+    for _ in range(steps // every):
+        t = time.perf_counter()
+        state, metrics = chunk(state)
+        jax.block_until_ready(metrics)
+        train_time += time.perf_counter() - t
+        record = {k: np.asarray(v).tolist() for k, v in evaluate(state).items()}
+        curves.append({"step": int(state.step[0]), **record})
+        logging.info(
+            "%s %s step %d test_accuracy %s",
+            config.data.name,
+            config.rule.name,
+            curves[-1]["step"],
+            np.round(record.get("test_accuracy", record["test_loss"]), 3),
+        )
+    final = curves[-1]
+    return {
+        "curves": curves,
+        "final": final,
+        "compile_time_s": compile_time,
+        "time_per_step_s": train_time / max(steps // every * every, 1),
+        "forward_passes": forward_passes(config),
+        "config": json.loads(config.to_json()),
+    }
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values)
+    return f"{values.mean():.3f} ± {values.std():.3f}"
+
+
+def table(results: dict, seeds: int) -> str:
+    lines = []
+    for data, methods in results.items():
+        bp_time = methods.get("bp", {}).get("time_per_step_s")
+        lines += [
+            f"### {data}",
+            "",
+            f"| method | test accuracy (mean ± std, {seeds} seeds) | best-seed | train loss | "
+            "grad cosine | forward passes / step | time / step (vs bp) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in methods.items():
+            f = r["final"]
+            ratio = f" ({r['time_per_step_s'] / bp_time:.2f}x)" if bp_time else ""
+            cos = _mean_std(f["grad_cosine"]) if "grad_cosine" in f else "-"
+            lines.append(
+                f"| {name} | {_mean_std(f['test_accuracy'])} | {max(f['test_accuracy']):.3f} | "
+                f"{_mean_std(f['train_loss'])} | {cos} | {r['forward_passes']} | "
+                f"{r['time_per_step_s'] * 1e3:.2f} ms{ratio} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    get_config = load_get_config(_CONFIG.value)
+    results: dict[str, dict] = {}
+    for data in _DATA.value:
+        results[data] = {}
+        for method in _METHODS.value:
+            variant = f"method={method},data={data}" + (f",{_EXTRA.value}" if _EXTRA.value else "")
+            config = get_config(variant)
+            if _STEPS.value:
+                config.steps = _STEPS.value
+            results[data][method] = run_one(config, _SEEDS.value)
+    out = Path(_OUT.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    text = table(results, _SEEDS.value)
+    out.with_suffix(".md").write_text(text + "\n")
+    plot_comparison(results, out.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -53,13 +53,32 @@ def test_decorrelation_matrix_is_applied_to_layer_inputs():
     np.testing.assert_allclose(trace.inputs[0], np.asarray(x) @ np.asarray(r).T, rtol=1e-5)
 
 
-def test_decorrelation_update_follows_the_local_rule():
-    z = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
-    r = jnp.eye(3) + 0.1
+@pytest.mark.parametrize("batch,width", [(16, 3), (4, 10)])  # C R formed, and Z^T (Z R)
+def test_decorrelation_update_follows_the_local_rule(batch, width):
+    z = jax.random.normal(jax.random.PRNGKey(0), (batch, width))
+    r = jnp.eye(width) + 0.1
     new = decorrelation_update({"layer_0": r}, (z,), 0.5)["layer_0"]
-    c = np.asarray(z).T @ np.asarray(z) / 16
+    c = np.asarray(z).T @ np.asarray(z) / batch
     np.fill_diagonal(c, 0.0)
-    np.testing.assert_allclose(new, np.asarray(r) - 0.5 * c @ np.asarray(r), rtol=1e-5)
+    np.testing.assert_allclose(new, np.asarray(r) - 0.5 * c @ np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+def test_decorrelation_every_k_steps_updates_only_then():
+    model = models.mlp((6,), 2, widths=(4,), decorrelation=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 6))
+    y = jnp.zeros((8,), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(1), x)
+    task = losses.make_task("classification")
+    rule = make_rule("backprop", model, task, optax.sgd(0.0), decorrelation_every=3)
+    state = rule.init(jax.random.PRNGKey(0), variables)
+    step = jax.jit(rule.step)
+    changed = []
+    for i in range(6):
+        new, state, _ = step(jax.random.PRNGKey(i), variables, state, (x, y))
+        r_old, r_new = variables["decorrelation"]["layer_0"], new["decorrelation"]["layer_0"]
+        changed.append(not np.allclose(r_old, r_new))
+        variables = new
+    assert changed == [True, False, False, True, False, False]
 
 
 def test_jvp_wrt_node_noise_is_gradient_dot_noise(mlp_and_vars):

@@ -21,6 +21,7 @@ def backprop(
     task: Task,
     optimizer: optax.GradientTransformation,
     decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
 ) -> LearningRule:
     """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
 
@@ -38,4 +39,4 @@ def backprop(
         )
         return grads, EstimateAux(loss, inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate)
+    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)

@@ -75,6 +75,7 @@ def node_perturbation(
     sigma: Any = 1e-3,
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
 ) -> LearningRule:
     """Node perturbation (``variant`` np, anp or inp) in ``mode`` finite_difference or jvp."""
     if variant not in VARIANTS:
@@ -139,7 +140,7 @@ def node_perturbation(
         grads = _layer_local_grads(model, variables["params"], clean.inputs, errors)
         return grads, EstimateAux(jnp.mean(loss_clean), clean.inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate)
+    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
 
 
 def weight_perturbation(
@@ -149,6 +150,7 @@ def weight_perturbation(
     sigma: Any = 1e-3,
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
 ) -> LearningRule:
     """Weight perturbation: G = -(L(theta) - L(theta + eps)) eps / sigma^2, eps ~ N(0, sigma^2 I).
 
@@ -184,7 +186,7 @@ def weight_perturbation(
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         return grads, EstimateAux(loss_clean, inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate)
+    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
 
 
 def forward_gradient(
@@ -193,6 +195,7 @@ def forward_gradient(
     optimizer: optax.GradientTransformation,
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
 ) -> LearningRule:
     """Forward gradient (Baydin et al. 2022): g = (dL/dtheta . v) v, v ~ N(0, I), by one jvp.
 
@@ -228,4 +231,4 @@ def forward_gradient(
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         return grads, EstimateAux(loss, inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate)
+    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)

@@ -6,7 +6,9 @@ The variant picks the method, the dataset and the scale:
 
 methods: bp, dbp (BP through decorrelated layers), np, anp, inp, dnp, danp, dinp (node
 perturbation, finite-difference form; add mode=jvp for the directional-derivative form),
-fg (forward gradient), wp (weight perturbation).
+fg (forward gradient), wp (weight perturbation). every=K updates the decorrelation matrices
+every K steps only (amortising their cost). noise=S makes the network a noisy system (intrinsic
+node noise of std S that no rule can read); sigma=X overrides the injected node noise.
 
 scale=cpu (default): MLP in-256-256-256-out, leaky ReLU 0.2, batch 128, 3000 steps, Adam 1e-3,
 sigma 1e-2, eta_R 1e-3; digits or mnist1d. About 10-60 s per run on 2 CPU cores (inp and dinp
@@ -36,7 +38,15 @@ TRAIN_SIZES = {"cifar10": 50000, "mnist": 60000, "fashion_mnist": 60000}
 
 
 def parse(arg: str | None) -> dict[str, str]:
-    out = {"method": "danp", "data": "digits", "scale": "cpu", "mode": "finite_difference"}
+    out = {
+        "method": "danp",
+        "data": "digits",
+        "scale": "cpu",
+        "mode": "finite_difference",
+        "every": "1",
+        "noise": "0",
+        "sigma": "",
+    }
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in out:
@@ -77,6 +87,8 @@ def get_config(arg: str | None = None):
         config.optimizer.learning_rate = 1e-3 if v["method"] == "dbp" else 1e-4
         sigma = 1e-3
     if "sigma" in config.rule:
-        config.rule.sigma = sigma
+        config.rule.sigma = float(v["sigma"]) if v["sigma"] else sigma
+    config.model.intrinsic_noise = float(v["noise"])
     config.rule.decorrelation_rate = 1e-3
+    config.rule.decorrelation_every = int(v["every"])
     return config

@@ -149,21 +149,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _floats(node: Any, prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, float):
+            out[f"{prefix}.{key}"] = value
+        elif hasattr(value, "items"):
+            out.update(_floats(value, f"{prefix}.{key}"))
+    return out
+
+
 def hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """The sweepable hyperparameters: every float under ``rule`` and ``optimizer``."""
+    """The sweepable hyperparameters: every float under ``rule`` and ``optimizer``, nested
+    sections included (``rule.strategy_params.std_init``)."""
     out = {}
     for section in HPARAM_SECTIONS:
-        for key, value in config[section].items():
-            if isinstance(value, float):
-                out[f"{section}.{key}"] = value
+        out.update(_floats(config[section], section))
+    return out
+
+
+def _with(node: Any, prefix: str, hp: dict[str, Any]) -> dict:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        out[key] = _with(value, name, hp) if hasattr(value, "items") else hp.get(name, value)
     return out
 
 
 def section_with(config: ml_collections.ConfigDict, section: str, hp: dict[str, Any]) -> dict:
-    """``config[section]`` as a dict (minus ``name``) with sweepable values taken from ``hp``."""
-    out = {}
-    for key, value in config[section].items():
-        if key == "name":
-            continue
-        out[key] = hp.get(f"{section}.{key}", value)
+    """``config[section]`` as a dict (minus ``name``) with sweepable values taken from ``hp``;
+    nested sections become plain dicts."""
+    out = _with(config[section], section, hp)
+    out.pop("name", None)
     return out

@@ -26,34 +26,6 @@ from altlearn import data as data_lib
 from altlearn.train import Experiment
 from experiments.configs import np_family
 
-_DATA = flags.DEFINE_string("data", "mnist1d", "Dataset (cpu scale).")
-_SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper"], "Model and batch sizes.")
-_CHUNK = flags.DEFINE_integer("chunk_steps", 50, "Steps per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per method (median reported).")
-_METHODS = flags.DEFINE_list(
-    "methods",
-    [
-        "bp",
-        "dbp",
-        "np",
-        "np/jvp",
-        "anp",
-        "anp/jvp",
-        "inp",
-        "inp/jvp",
-        "dnp",
-        "danp",
-        "danp/jvp",
-        "dinp",
-        "danp/every4",
-        "danp/every16",
-        "fg",
-        "wp",
-    ],
-    "method[/jvp][/everyK] names of experiments/configs/np_family.py.",
-)
-_OUT = flags.DEFINE_string("out", "docs/bench/rules.json", "JSON output path.")
-
 
 def method_config(name: str, data: str, scale: str):
     method, *mods = name.split("/")
@@ -137,5 +109,32 @@ def main(argv: list[str]) -> None:
         )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the binary: the module stays importable
+    _DATA = flags.DEFINE_string("data", "mnist1d", "Dataset (cpu scale).")
+    _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper"], "Model and batch sizes.")
+    _CHUNK = flags.DEFINE_integer("chunk_steps", 50, "Steps per timed call.")
+    _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per method (median reported).")
+    _METHODS = flags.DEFINE_list(
+        "methods",
+        [
+            "bp",
+            "dbp",
+            "np",
+            "np/jvp",
+            "anp",
+            "anp/jvp",
+            "inp",
+            "inp/jvp",
+            "dnp",
+            "danp",
+            "danp/jvp",
+            "dinp",
+            "danp/every4",
+            "danp/every16",
+            "fg",
+            "wp",
+        ],
+        "method[/jvp][/everyK] names of experiments/configs/np_family.py.",
+    )
+    _OUT = flags.DEFINE_string("out", "docs/bench/rules.json", "JSON output path.")
     app.run(main)

@@ -25,14 +25,6 @@ from absl import app, flags, logging
 from altlearn.plotting import plot_comparison
 from altlearn.train import Experiment
 
-_CONFIG = flags.DEFINE_string("config", "experiments/configs/np_family.py", "Config file.")
-_METHODS = flags.DEFINE_list("methods", ["bp", "danp"], "Methods (the config's method names).")
-_DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
-_EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
-_STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps.")
-_OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
-
 
 def load_get_config(path: str):
     spec = importlib.util.spec_from_file_location("_compare_config", path)
@@ -149,5 +141,12 @@ def main(argv: list[str]) -> None:
     print(text)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only for the binary: the module stays importable
+    _CONFIG = flags.DEFINE_string("config", "experiments/configs/np_family.py", "Config file.")
+    _METHODS = flags.DEFINE_list("methods", ["bp", "danp"], "Methods (the config's method names).")
+    _DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
+    _EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
+    _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
+    _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps.")
+    _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
     app.run(main)

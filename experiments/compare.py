@@ -8,7 +8,9 @@ program, evaluated every ``eval_every`` steps; writes a JSON file, a markdown ta
 ``--config`` names a config file whose ``get_config`` takes ``method=M,data=D`` (plus
 ``--variant_extra`` appended, e.g. ``mode=jvp``). Seeds vary the initialisation, the batches and
 the rule's noise; the data split is fixed by the config's ``seed``. Equal steps and batch for
-every method of a dataset come from the config file.
+every method of a dataset come from the config file, unless a budget flag gives every method the
+same number of forward passes (``--budget_forward_passes``) or the same training time on this
+machine (``--budget_seconds``) instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def forward_passes(config) -> str:
     m = int(rule.get("num_noise_samples", 1))
     if rule.name == "backprop":
         return "1 + 1B"
+    if rule.name in ("evolution", "pso"):
+        return f"1 + {rule.population_size}"
+    if rule.name == "neuron_pso":
+        return f"1 + {rule.particles_per_neuron} x neurons"
     if rule.name == "forward_gradient":
         return f"{m}J"
     if rule.name == "weight_perturbation":
@@ -48,6 +54,37 @@ def forward_passes(config) -> str:
     if rule.mode == "jvp":
         return f"1 + {m * noisy}J"
     return f"1 + {m * noisy}"
+
+
+def forward_pass_count(config, num_outputs: int) -> float:
+    """Forward passes per step as a number (a backward pass counts 2, a jvp pass 2), for equal
+    forward-pass budgets. Per-neuron swarms count one network evaluation per particle per
+    neuron (their downstream-only evaluation is cheaper than that)."""
+    rule = config.rule
+    if rule.name == "neuron_pso":
+        return 1 + rule.particles_per_neuron * (sum(config.model.widths) + num_outputs)
+    total = 0.0
+    for term in forward_passes(config).split(" + "):
+        count = term.rstrip("BJ")
+        total += float(count or 1) * (2 if term[-1] in "BJ" else 1)
+    return total
+
+
+def budget_steps(config, seeds: int, forward_passes_budget: int, seconds_budget: float) -> int:
+    """Steps that spend the given budget: forward passes (equal for every method), or wall
+    seconds of this machine (measured on a short compiled probe of the real vmapped run)."""
+    experiment = Experiment(config)
+    if forward_passes_budget:
+        per_step = forward_pass_count(config, experiment.dataset.num_outputs)
+        return max(1, int(forward_passes_budget // per_step))
+    probe = 20
+    keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
+    state = jax.jit(jax.vmap(experiment.init))(keys)
+    chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, probe))).lower(state).compile()
+    jax.block_until_ready(chunk(state))
+    t = time.perf_counter()
+    jax.block_until_ready(chunk(state))
+    return max(1, int(seconds_budget / ((time.perf_counter() - t) / probe)))
 
 
 def run_one(config, seeds: int) -> dict:
@@ -131,6 +168,12 @@ def main(argv: list[str]) -> None:
             config = get_config(variant)
             if _STEPS.value:
                 config.steps = _STEPS.value
+            if _BUDGET_PASSES.value or _BUDGET_SECONDS.value:
+                steps = budget_steps(
+                    config, _SEEDS.value, _BUDGET_PASSES.value, _BUDGET_SECONDS.value
+                )
+                config.eval_every = max(1, steps // 10)
+                config.steps = config.eval_every * (steps // config.eval_every)
             results[data][method] = run_one(config, _SEEDS.value)
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,5 +191,11 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
     _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
     _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps.")
+    _BUDGET_PASSES = flags.DEFINE_integer(
+        "budget_forward_passes", 0, "Give every method this many forward passes (0: off)."
+    )
+    _BUDGET_SECONDS = flags.DEFINE_float(
+        "budget_seconds", 0.0, "Give every method this much training time (0: off)."
+    )
     _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
     app.run(main)

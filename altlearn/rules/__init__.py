@@ -17,6 +17,7 @@ from altlearn.rules.base import (
     gradient_rule,
     rule_options,
 )
+from altlearn.rules.evolution import evolution
 from altlearn.rules.node_perturbation import (
     forward_gradient,
     node_perturbation,
@@ -52,6 +53,14 @@ RULES: dict[str, RuleSpec] = {
         uses_optimizer=True,
         summary="weight-space directional derivative along a random tangent (one jvp)",
         source="Baydin et al. 2022",
+    ),
+    "evolution": RuleSpec(
+        evolution,
+        needs_layered=False,
+        uses_optimizer=True,
+        summary="any evosax strategy (Open_ES, SNES, Sep_CMA_ES, PGPE, PSO, DE, GAs, ...) over the "
+        "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
+        source="evosax (Lange 2023); RULES.md section 2",
     ),
 }
 
@@ -94,6 +103,7 @@ __all__ = [
     "LearningRule",
     "RuleSpec",
     "backprop",
+    "evolution",
     "forward_gradient",
     "get_rule_spec",
     "gradient_rule",

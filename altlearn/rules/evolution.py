@@ -1,0 +1,374 @@
+"""Evolution strategies and population methods over the whole parameter pytree (RULES.md section 2).
+
+Any strategy of evosax (Lange, "evosax: JAX-based evolution strategies", GECCO 2023; 37 in
+evosax 0.3.2, each citing its own paper in its module: OpenAI-ES, Salimans et al. 2017; SNES and
+xNES, Wierstra et al. 2014; CMA-ES, Hansen 2016; PGPE, Sehnke et al. 2010; PSO, Kennedy &
+Eberhart 1995; DE, Storn & Price 1997; GAs, ...) trains the network's ``params``. One step is one
+generation on one batch (x, y):
+
+    population, s = strategy.ask(key, s)                   # P members, each a params pytree
+    f_i = mean_b loss(model(member_i, x_b), y_b)            # vmapped over members
+    s = strategy.tell(key, population, f, s)
+
+**Sign.** evosax *minimises* fitness, so the fitness is the batch loss itself (lower is better),
+never an accuracy. A member whose loss is NaN or inf gets the worst finite fitness of its
+generation plus one (1e30 if none is finite) before ``tell`` and is counted in
+``metrics['nan_fitness']``; it can never become the reported params.
+
+**Reported params** (what ``variables['params']`` holds after a step):
+
+- distribution-based strategies (``init(key, mean)``: OpenAI-ES, SNES, CMA-ES, PGPE, ...): the
+  search distribution's mean, initialised at the model's initial params. Stein-variational ones
+  (SV_*; ``num_populations`` means, initialised at the initial params + ``init_scale`` * N(0, 1))
+  report the mean whose sub-population had the lowest mean fitness in the generation.
+- population-based strategies (``init(key, population, fitness)``: PSO, DE, GAs): they need an
+  evaluated initial population, and ``init`` sees no batch. ``init`` samples the population
+  params + ``init_scale`` * N(0, 1); the first step evaluates that population and hands it to
+  the strategy's ``init`` instead of asking (a flag in the state picks the branch), later steps
+  ask and tell. The reported params are elitist on the current batch: the generation's best
+  member replaces them when its loss on the batch is below theirs on the same batch (a
+  NaN-fitness member never does).
+
+Strategies whose constructor takes an ``optimizer`` (OpenAI-ES, SNES, xNES, PGPE, ARS, ...)
+apply their search-gradient estimate with the *configured* optax optimizer, so
+``optimizer.name``/``learning_rate``/``schedule`` act as for the gradient rules and the learning
+rate is sweepable (evosax's own defaults, e.g. SGD with learning rate 1 for the NES family, are
+``optimizer.name=sgd, learning_rate=1.0``). ``strategy_params`` overrides fields of the
+strategy's default ``Params`` and, for strategies with a ``std_schedule`` constructor argument
+(OpenAI-ES, ARS, GAs, ...), its ``std_init`` sets a constant noise scale; all its floats are
+sweepable (traced) hyperparameters.
+
+**Evaluation** goes through ``population.evaluate_population``: one ``vmap`` over members; with
+``memory_budget_mb > 0`` in sequential chunks of the largest population divisor whose forward
+activations (``activation_bytes``) fit the budget (per device); with ``shard=True`` the member
+axis is split over all devices (``population_sharding``; population size divisible by the device
+count). Both give the same fitness as one unsharded ``vmap``.
+
+Strategies with a num_dims x num_dims matrix (CMA_ES, SV_CMA_ES, MA_ES, xNES, iAMaLGaM_Full,
+ASEBO, DiffusionEvolution without ``num_latent_dims``) are refused above ``max_cma_dims``
+parameters in favour of diagonal or low-rank ones (Sep_CMA_ES, SNES, Open_ES, PGPE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
+from evosax.algorithms.distribution_based.sv.base import SV_ES
+from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+from jax.flatten_util import ravel_pytree
+
+from altlearn.losses import Task
+from altlearn.models import Model
+from altlearn.rules.base import Batch, LearningRule, Metrics, Variables, check_positive
+from altlearn.rules.population import (
+    activation_bytes,
+    chunk_size_for,
+    evaluate_population,
+    population_sharding,
+)
+
+STRATEGIES: dict[str, type] = dict(sorted(EVOSAX_ALGORITHMS.items(), key=lambda kv: kv[0].lower()))
+QUADRATIC_MEMORY = (
+    "ASEBO",
+    "CMA_ES",
+    "DiffusionEvolution",
+    "MA_ES",
+    "SV_CMA_ES",
+    "iAMaLGaM_Full",
+    "xNES",
+)
+LOW_MEMORY_ALTERNATIVES = ("Sep_CMA_ES", "SNES", "Open_ES", "PGPE")
+SET_BY_RULE = ("self", "population_size", "solution")  # constructor arguments the rule fills
+UNFIT_FITNESS = 1e30  # stands in for NaN/inf fitness when no member of a generation is finite
+
+
+class EvolutionState(NamedTuple):
+    es_state: Any  # the evosax strategy state
+    evaluated: jax.Array | None  # population-based only: bool [], initial population evaluated
+
+
+def _strong(tree: Any) -> Any:
+    """``tree`` without weak types: evosax states mix Python scalars (weakly typed) with arrays,
+    and the state must keep one type from ``init`` on (a ``lax.scan`` carry, one jit trace)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.result_type(a)), tree)
+
+
+def _strategy_class(name: str) -> type:
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"Unknown evosax strategy {name!r}; valid choices: {', '.join(STRATEGIES)}."
+        )
+    return STRATEGIES[name]
+
+
+def _constructor_args(cls: type) -> dict[str, inspect.Parameter]:
+    """The constructor arguments a user may set through ``strategy_kwargs``."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p for k, p in params.items() if k not in SET_BY_RULE}
+
+
+def _param_fields(cls: type) -> tuple[str, ...]:
+    """Field names of the strategy's ``Params`` dataclass (what ``default_params`` holds)."""
+    return tuple(f.name for f in dataclasses.fields(sys.modules[cls.__module__].Params))
+
+
+def _is_float(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return True
+    return getattr(value, "ndim", None) == 0 and jnp.issubdtype(value.dtype, jnp.floating)
+
+
+def _check_strategy_options(
+    name: str, kwargs: dict[str, Any], params: dict[str, Any]
+) -> tuple[type, bool]:
+    """Validates names; returns the class and whether ``std_init`` sets its ``std_schedule``."""
+    cls = _strategy_class(name)
+    valid = _constructor_args(cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown strategy_kwargs {unknown} for {name}({cls.__name__}); valid constructor "
+            f"arguments: {', '.join(valid)} (population_size and solution are set by the rule)."
+        )
+    missing = [
+        k
+        for k, p in valid.items()
+        if p.default is inspect.Parameter.empty and k not in kwargs and p.kind != p.VAR_KEYWORD
+    ]
+    if missing:
+        raise ValueError(f"Strategy {name} needs strategy_kwargs {missing} (no default).")
+    std_schedule = "std_schedule" in valid
+    fields = _param_fields(cls)
+    allowed = (*fields, "std_init") if std_schedule else fields
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        hint = " (std_init sets the constant std_schedule)" if std_schedule else ""
+        raise ValueError(
+            f"Unknown strategy_params {unknown} for {name}; valid fields: "
+            f"{', '.join(dict.fromkeys(allowed)) or '(none)'}{hint}."
+        )
+    if std_schedule and "std_init" in params and "std_schedule" in kwargs:
+        raise ValueError(
+            f"Give {name} either strategy_params.std_init or strategy_kwargs.std_schedule."
+        )
+    return cls, std_schedule
+
+
+def _build_strategy(
+    name: str,
+    cls: type,
+    population_size: int,
+    solution: Any,
+    kwargs: dict[str, Any],
+    max_cma_dims: int,
+) -> Any:
+    num_dims = sum(int(leaf.size) for leaf in jax.tree.leaves(solution))
+    quadratic = name in QUADRATIC_MEMORY and not (
+        name == "DiffusionEvolution" and kwargs.get("num_latent_dims")
+    )
+    if quadratic and num_dims > max_cma_dims:
+        raise ValueError(
+            f"Strategy {name} stores a num_dims x num_dims matrix ({num_dims}^2 = "
+            f"{num_dims**2:.3g} entries, {4 * num_dims**2 / 2**30:.3g} GiB) but max_cma_dims is "
+            f"{max_cma_dims}. Use a diagonal or low-rank strategy "
+            f"({', '.join(LOW_MEMORY_ALTERNATIVES)}) or raise rule.max_cma_dims."
+        )
+    try:
+        return cls(population_size=population_size, solution=solution, **kwargs)
+    except AssertionError as e:  # evosax checks its size constraints with asserts
+        raise ValueError(
+            f"Strategy {name} cannot run with population_size={population_size}: {e}"
+        ) from None
+
+
+def strategy_param_defaults(
+    strategy: str,
+    num_dims: int = 10,
+    population_size: int = 16,
+    strategy_kwargs: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The float fields of ``strategy``'s default ``Params`` (and ``std_init``, the constant
+    noise scale, for strategies with a ``std_schedule``), as Python floats.
+
+    Some defaults depend on ``num_dims`` and ``population_size`` (CMA-ES learning rates, ...):
+    put in a config only those a run should override or sweep.
+    """
+    kwargs = dict(strategy_kwargs or {})
+    cls = _strategy_class(strategy)
+    args = _constructor_args(cls)
+    out = {}
+    if _param_fields(cls):
+        if "num_populations" in args:
+            kwargs.setdefault("num_populations", 1)
+        _check_strategy_options(strategy, kwargs, {})
+        solution = jnp.zeros((num_dims,), jnp.float32)
+        built = _build_strategy(strategy, cls, population_size, solution, kwargs, num_dims)
+        for f in dataclasses.fields(built.default_params):
+            value = getattr(built.default_params, f.name)
+            if _is_float(value):
+                out[f.name] = float(value)
+    if "std_schedule" in args:
+        out["std_init"] = float(args["std_schedule"].default(0))
+    return out
+
+
+def evolution(
+    model: Model,
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    strategy: str = "Open_ES",
+    population_size: int = 64,
+    strategy_kwargs: dict | None = None,
+    strategy_params: dict | None = None,
+    init_scale: float = 0.1,
+    shard: bool = False,
+    memory_budget_mb: int = 0,
+    max_cma_dims: int = 20000,
+) -> LearningRule:
+    """An evosax ``strategy`` over the params pytree; the fitness of a member is its batch loss.
+
+    ``strategy_kwargs``: static constructor arguments (``use_antithetic_sampling``,
+    ``num_diff``, ``num_populations`` for SV_*; from Python also callables such as
+    RandomSearch's ``sampling_fn(key) -> params``). ``strategy_params``: overrides of the
+    strategy's default ``Params`` fields (floats may be traced), plus ``std_init`` for
+    strategies with a ``std_schedule``. ``init_scale``: std of the initial population (or SV
+    means) around the initial params. ``population_size`` is per sub-population for SV_*.
+    ``optimizer`` is handed to strategies whose constructor takes one (None: evosax's default).
+    """
+    kwargs = dict(strategy_kwargs or {})
+    params_in = dict(strategy_params or {})
+    cls, std_schedule = _check_strategy_options(strategy, kwargs, params_in)
+    population_size = int(population_size)
+    if population_size < 1:
+        raise ValueError(f"population_size must be >= 1, got {population_size}.")
+    check_positive("init_scale", init_scale)
+    if "std_init" in params_in:
+        check_positive("strategy_params.std_init", params_in["std_init"])
+    if std_schedule and "std_init" in params_in:
+        kwargs["std_schedule"] = optax.constant_schedule(params_in["std_init"])
+    if (
+        optimizer is not None
+        and "optimizer" in _constructor_args(cls)
+        and "optimizer" not in kwargs
+    ):
+        kwargs["optimizer"] = optimizer
+    field_overrides = {k: v for k, v in params_in.items() if k in _param_fields(cls)}
+    population_based = issubclass(cls, PopulationBasedAlgorithm)
+    num_means = int(kwargs["num_populations"]) if issubclass(cls, SV_ES) else 0
+    total = population_size * max(num_means, 1)  # members evaluated per generation
+    sharding = population_sharding(total) if shard else None
+    num_devices = 1 if sharding is None else sharding.mesh.size
+
+    def build(params: Any) -> tuple[Any, Any]:
+        """The strategy for a params pytree like ``params`` and its Params with overrides.
+
+        evosax computes constants with jnp in constructors and ``default_params`` (and some
+        cast them to Python numbers): evaluate them eagerly, on a concrete zero template.
+        """
+        with jax.ensure_compile_time_eval():
+            template = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
+            es = _build_strategy(strategy, cls, population_size, template, kwargs, max_cma_dims)
+            defaults = es.default_params
+        return es, defaults.replace(**field_overrides)
+
+    def around(key: jax.Array, params: Any, count: int) -> Any:
+        """``count`` copies of ``params`` plus init_scale * N(0, 1) noise."""
+        flat, unravel = ravel_pytree(params)
+        noise = jax.random.normal(key, (count, flat.size), flat.dtype)
+        return jax.vmap(unravel)(flat + init_scale * noise)
+
+    def init(key: jax.Array, variables: Variables) -> EvolutionState:
+        params = variables["params"]
+        es, es_params = build(params)
+        key_init, key_population = jax.random.split(key)
+        if population_based:  # a placeholder fitness: the first step evaluates and re-inits
+            population = around(key_population, params, population_size)
+            fitness = jnp.full((population_size,), jnp.inf)
+            es_state = es.init(key_init, population, fitness, es_params)
+            return EvolutionState(_strong(es_state), jnp.zeros((), bool))
+        mean = around(key_population, params, num_means) if num_means else params
+        return EvolutionState(_strong(es.init(key_init, mean, es_params)), None)
+
+    def step(
+        key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
+    ) -> tuple[Variables, EvolutionState, Metrics]:
+        x, y = batch
+        params = variables["params"]
+        es, es_params = build(params)
+        key_ask, key_tell = jax.random.split(key)
+
+        def fitness_fn(member: Any) -> jax.Array:
+            return jnp.mean(task.loss(model.apply({**variables, "params": member}, x), y))
+
+        loss = fitness_fn(params)
+        if population_based:
+            population, es_state = jax.lax.cond(
+                state.evaluated,
+                lambda s: es.ask(key_ask, s, es_params),
+                lambda s: (es.get_population(s), s),
+                state.es_state,
+            )
+        else:
+            population, es_state = es.ask(key_ask, state.es_state, es_params)
+
+        chunk = total
+        if memory_budget_mb > 0:
+            member_bytes = activation_bytes(model.apply, variables, x)
+            per_device = chunk_size_for(total // num_devices, member_bytes, memory_budget_mb)
+            chunk = per_device * num_devices
+        raw = evaluate_population(fitness_fn, population, chunk, sharding)
+
+        finite = jnp.isfinite(raw)
+        worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
+        worst = jnp.where(jnp.any(finite), worst + 1.0, UNFIT_FITNESS)
+        fitness = jnp.where(finite, raw, worst)
+
+        if population_based:
+            es_state = jax.lax.cond(
+                state.evaluated,
+                lambda s: es.tell(key_tell, population, fitness, s, es_params)[0],
+                lambda s: es.init(key_tell, population, fitness, es_params),
+                es_state,
+            )
+            best = jnp.argmin(fitness)
+            better = finite[best] & ~(raw[best] >= loss)  # accepts when ``loss`` is NaN
+            new_params = jax.tree.map(
+                lambda pop, p: jnp.where(better, pop[best], p), population, params
+            )
+            new_state = EvolutionState(_strong(es_state), jnp.ones((), bool))
+        else:
+            if num_means:  # SV strategies ask [M * P] members but tell [M, P]
+                population = jax.tree.map(
+                    lambda a: a.reshape(num_means, population_size, *a.shape[1:]), population
+                )
+            es_state, _ = es.tell(key_tell, population, fitness, es_state, es_params)
+            _, unravel = ravel_pytree(params)
+            if num_means:
+                by_mean = jnp.mean(fitness.reshape(num_means, population_size), axis=1)
+                new_params = unravel(es_state.mean[jnp.argmin(by_mean)])
+            else:
+                new_params = unravel(es_state.mean)
+            new_state = EvolutionState(_strong(es_state), None)
+
+        count = jnp.sum(finite)
+        mean = jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(count, 1)
+        var = jnp.sum(jnp.where(finite, jnp.square(raw - mean), 0.0)) / jnp.maximum(count, 1)
+        metrics = {
+            "loss": loss,
+            "fitness_best": jnp.min(jnp.where(finite, raw, jnp.inf)),
+            "fitness_mean": jnp.where(count > 0, mean, jnp.nan),
+            "fitness_std": jnp.where(count > 0, jnp.sqrt(var), jnp.nan),
+            "nan_fitness": (total - count).astype(jnp.int32),
+        }
+        return {**variables, "params": new_params}, new_state, metrics
+
+    return LearningRule(init, step)

@@ -1,0 +1,447 @@
+"""Speed and memory of the ``evolution`` rule (evosax strategies over network weights).
+
+Command (writes docs/bench/evolution.json and prints markdown tables):
+
+    python -m experiments.bench_evolution
+
+Model, data, batch: MLP 40-256-256-10 (ReLU) on mnist1d, batch 128; strategy Open_ES with
+std 0.05 and Adam (learning rate 1e-2). What it measures, in one run:
+
+1. *Overhead.* altlearn (``Experiment.train_steps``, one generation per step) against a raw
+   evosax loop: the same MLP written as a plain flax module, ``Open_ES(...)`` with the same
+   population, std and optimizer, ``ask`` -> ``vmap`` of the mean cross-entropy -> ``tell`` in a
+   ``lax.scan`` over minibatches drawn as altlearn draws them (one permutation per epoch, drawn
+   per chunk). Both chunks of ``chunk_generations`` generations are compiled ahead of time
+   (compile time reported apart), then timed in interleaved rounds after a warm-up call; medians.
+   altlearn also evaluates the incoming params once per step (``metrics['loss']``) and guards
+   NaN fitness, which the raw loop does not. Target ratio <= 1.05.
+2. *Throughput.* Generations per second at each population size, and the achieved GFLOP/s of
+   a generation against the machine's float32 peak (the fastest of the jitted 2048x2048
+   matmuls timed in the same rounds: the median would understate the peak when other
+   processes share the cores, and overstate every fraction of it). FLOPs per generation:
+   XLA's ``cost_analysis()`` of ONE compiled ``train_step`` (XLA counts a while-loop body once,
+   so a chunk's count is not divided), and the analytic forward count
+   2 * batch * num_params * (population + 1) beside it. Target: within 2x of the matmul floor
+   (>= 50% of peak). The rule's population evaluation alone (``evaluate_population`` on a fixed
+   population, no ask or tell) is timed too, which splits a generation into the forward passes
+   and evosax's ask/tell (sampling P x num_params normals, ravelling and unravelling the
+   population, the update).
+3. *Memory.* ``memory_analysis()`` of one compiled ``train_step`` per population size, without
+   and with ``rule.memory_budget_mb`` (chunked evaluation): XLA's temporary buffers (what
+   chunking bounds), and the arguments and outputs (the training state: 5 * num_params floats
+   for Open_ES with Adam, namely params, mean, two Adam moments and best solution, whatever the
+   population). The population itself (P * num_params floats) is made whole by ``ask`` whatever
+   the budget. The chunked step's generations per second are timed at the largest population.
+   (On CPU ``peak_memory_in_bytes`` counts little more than the arguments; it is not reported.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app
+from evosax.algorithms import Open_ES
+from jax.flatten_util import ravel_pytree
+
+from altlearn import rules
+from altlearn.config import base_config
+from altlearn.rules.base import RuleSpec
+from altlearn.rules.evolution import evolution
+from altlearn.rules.population import activation_bytes, chunk_size_for, evaluate_population
+from altlearn.train import Experiment
+from experiments.bench import (
+    HandMLP,
+    _cpu_seconds,
+    _flops,
+    _other_load,
+    machine_facts,
+    make_matmul,
+    write_json,
+)
+
+OVERHEAD_TARGET = 1.05
+PEAK_FRACTION_TARGET = 0.5
+STD = 0.05
+LEARNING_RATE = 1e-2
+BATCH = 128
+
+
+class RawState(NamedTuple):
+    step: jax.Array  # int32 []
+    key: jax.Array
+    es_state: Any
+
+
+def evolution_config(
+    population_size: int, memory_budget_mb: int = 0, widths: Sequence[int] = (256, 256)
+) -> ml_collections.ConfigDict:
+    """Open_ES on mnist1d, MLP 40-widths-10, batch 128 (the rule must be registered)."""
+    config = base_config(rule="evolution", model="mlp", data="mnist1d")
+    config.model.widths = tuple(widths)
+    config.batch_size = BATCH
+    config.rule.strategy = "Open_ES"
+    config.rule.population_size = population_size
+    config.rule.strategy_params = {"std_init": STD}
+    config.rule.memory_budget_mb = memory_budget_mb
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = LEARNING_RATE
+    return config
+
+
+def make_raw_loop(
+    experiment: Experiment, population_size: int
+) -> tuple[Callable[[jax.Array], RawState], Callable[[RawState, int], tuple[RawState, Any]]]:
+    """``init(key)`` and ``train_chunk(state, num_generations)`` of a plain evosax loop."""
+    config = experiment.config
+    module = HandMLP(tuple(config.model.widths), experiment.dataset.num_outputs)
+    x_train, y_train = experiment.x_train, experiment.y_train
+    batch, num_train = experiment.batch_size, experiment.num_train
+    spe = num_train // batch
+    solution = module.init(jax.random.PRNGKey(0), x_train[:1])["params"]
+    es = Open_ES(
+        population_size,
+        solution,
+        optimizer=optax.adam(LEARNING_RATE),
+        std_schedule=optax.constant_schedule(STD),
+    )
+
+    def fitness(member: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits = module.apply({"params": member}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def init(key: jax.Array) -> RawState:
+        key_model, key_es, key_data = jax.random.split(key, 3)
+        params = module.init(key_model, x_train[:1])["params"]
+        es_state = es.init(key_es, params, es.default_params)
+        return RawState(jnp.zeros((), jnp.int32), key_data, es_state)
+
+    def train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
+        first_epoch, offset = jnp.divmod(state.step, spe)
+        epochs = first_epoch + jnp.arange(num_generations // spe + 2)
+        perms = jax.vmap(
+            lambda e: jax.random.permutation(jax.random.fold_in(state.key, e), num_train)
+        )(epochs)
+        batches = perms[:, : spe * batch].reshape(-1, batch)
+        idx = jax.lax.dynamic_slice_in_dim(batches, offset, num_generations)
+
+        def body(carry: tuple[jax.Array, Any], i: jax.Array):
+            step, es_state = carry
+            key_ask, key_tell = jax.random.split(jax.random.fold_in(state.key, step))
+            population, es_state = es.ask(key_ask, es_state, es.default_params)
+            f = jax.vmap(fitness, in_axes=(0, None, None))(population, x_train[i], y_train[i])
+            es_state, _ = es.tell(key_tell, population, f, es_state, es.default_params)
+            return (step + 1, es_state), jnp.mean(f)
+
+        (step, es_state), losses = jax.lax.scan(body, (state.step, state.es_state), idx)
+        return RawState(step, state.key, es_state), losses
+
+    return init, train_chunk
+
+
+def population_around(params: Any, population_size: int) -> Any:
+    """``population_size`` members params + STD * N(0, 1), as Open_ES asks them."""
+    flat, unravel = ravel_pytree(params)
+    noise = jax.random.normal(jax.random.PRNGKey(1), (population_size, flat.size))
+    return jax.vmap(unravel)(flat + STD * noise)
+
+
+def evaluation_chunk(
+    experiment: Experiment, population: Any, num_generations: int
+) -> tuple[Any, jax.Array]:
+    """The rule's population evaluation alone (no ask, no tell), on ``num_generations``
+    successive batches: the share of a generation that altlearn itself computes."""
+    batch = experiment.batch_size
+
+    def body(_, t: jax.Array):
+        x = jax.lax.dynamic_slice_in_dim(experiment.x_train, t * batch, batch)
+        y = jax.lax.dynamic_slice_in_dim(experiment.y_train, t * batch, batch)
+        fitness_fn = lambda m: jnp.mean(
+            experiment.task.loss(experiment.model.apply({"params": m}, x), y)
+        )
+        return None, jnp.mean(evaluate_population(fitness_fn, population))
+
+    _, losses = jax.lax.scan(body, None, jnp.arange(num_generations))
+    return population, losses
+
+
+def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=0).lower(*args).compile()
+    return compiled, time.perf_counter() - t
+
+
+def _memory(compiled: Any) -> dict[str, int] | None:
+    """The byte counts of ``compiled.memory_analysis()`` (None where the backend has none)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if stats is None:
+        return None
+    names = ("temp", "argument", "output", "alias", "generated_code")
+    return {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in names}
+
+
+def measure(
+    populations: Sequence[int] = (16, 64, 256, 1024),
+    overhead_population: int = 64,
+    chunk_generations: int = 16,
+    repeats: int = 9,
+    memory_budget_mb: int = 32,
+    widths: Sequence[int] = (256, 256),
+    matmul_size: int = 2048,
+) -> dict[str, Any]:
+    """Runs parts 1-3; returns every number as a JSON-able dict. The rule must be registered.
+
+    A population P is timed in chunks of max(1, chunk_generations * overhead_population // P)
+    generations, so every chunk does about the same work.
+    """
+    key = jax.random.PRNGKey(0)
+    chunks: dict[str, dict[str, Any]] = {}  # name -> compiled chunk, state, generations, ...
+
+    def add(name: str, fn: Callable, state: Any, generations: int, **facts: Any) -> None:
+        compiled, compile_s = _compile(fn, state)
+        chunks[name] = {"fn": compiled, "state": state, "generations": generations}
+        chunks[name]["facts"] = {"compile_s": compile_s, "generations_per_chunk": generations}
+        chunks[name]["facts"].update(facts)
+
+    per_population: dict[int, dict[str, Any]] = {}
+    for p in sorted({*populations, overhead_population}):
+        generations = max(1, chunk_generations * overhead_population // p)
+        for budget in (0, memory_budget_mb):
+            experiment = Experiment(evolution_config(p, budget, widths))
+            state = experiment.init(key)
+            batch = (experiment.x_train[: experiment.batch_size],)
+            batch += (experiment.y_train[: experiment.batch_size],)
+            step = jax.jit(experiment.train_step).lower(state, batch).compile()
+            entry = per_population.setdefault(p, {"population_size": p})
+            entry["memory" if budget == 0 else "memory_budgeted"] = _memory(step)
+            if budget:  # the chunk size the rule picks: as many members as fit the budget
+                member_bytes = activation_bytes(experiment.model.apply, state.variables, batch[0])
+                entry["activation_bytes_per_member"] = member_bytes
+                entry["chunk_size_budgeted"] = chunk_size_for(p, member_bytes, budget)
+            if budget == 0:
+                num_params = sum(int(np.size(a)) for a in jax.tree.leaves(state.variables))
+                entry["num_params"] = num_params
+                entry["flops_xla"] = _flops(step)
+                entry["flops_analytic"] = 2.0 * experiment.batch_size * num_params * (p + 1)
+                entry["population_bytes"] = 4 * p * num_params
+            if budget == 0 or p == max(populations):
+                name = f"altlearn/P={p}" + (f"/budget={budget}MB" if budget else "")
+                add(
+                    name,
+                    lambda s, e=experiment, g=generations: e.train_steps(s, g),
+                    state,
+                    generations,
+                )
+            if budget == 0:
+                population = population_around(state.variables["params"], p)
+                add(
+                    f"evaluation/P={p}",
+                    lambda pop, e=experiment, g=generations: evaluation_chunk(e, pop, g),
+                    population,
+                    generations,
+                )
+            if budget == 0 and p == overhead_population:
+                raw_init, raw_chunk = make_raw_loop(experiment, p)
+                add(
+                    f"raw/P={p}",
+                    lambda s, f=raw_chunk, g=generations: f(s, g),
+                    raw_init(key),
+                    generations,
+                )
+
+    matmul = make_matmul(matmul_size)
+    times: dict[str, list[float]] = {name: [] for name in (*chunks, "matmul")}
+    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    for rep in range(repeats + 1):  # round 0 is the warm-up
+        for name, run in chunks.items():
+            t = time.perf_counter()
+            run["state"], metrics = jax.block_until_ready(run["fn"](run["state"]))
+            if rep > 0:
+                times[name].append((time.perf_counter() - t) / run["generations"])
+            run["loss"] = metrics["loss"] if isinstance(metrics, dict) else metrics
+        t = time.perf_counter()
+        matmul().block_until_ready()
+        if rep > 0:
+            times["matmul"].append(time.perf_counter() - t)
+    other_load = _other_load(cpu_start, time.perf_counter() - wall_start)
+    peak_gflops = 2 * matmul_size**3 / min(times["matmul"]) / 1e9
+
+    timed = {}
+    for name, run in chunks.items():
+        median = statistics.median(times[name])
+        timed[name] = {
+            **run["facts"],
+            "generation_times_s": times[name],
+            "median_generation_s": median,
+            "generations_per_s": 1.0 / median,
+            "mean_loss_last_chunk": float(np.mean(np.asarray(run["loss"]))),
+        }
+    for p, entry in per_population.items():
+        flops = entry["flops_xla"] or entry["flops_analytic"]
+        gen_s = timed[f"altlearn/P={p}"]["median_generation_s"]
+        entry["generations_per_s"] = 1.0 / gen_s
+        entry["gflops"] = flops / gen_s / 1e9
+        entry["fraction_of_peak"] = entry["gflops"] / peak_gflops
+        evaluation_s = timed[f"evaluation/P={p}"]["median_generation_s"]
+        evaluation_flops = 2.0 * BATCH * entry["num_params"] * p
+        entry["evaluation_s"] = evaluation_s
+        entry["evaluation_share"] = evaluation_s / gen_s
+        entry["evaluation_fraction_of_peak"] = evaluation_flops / evaluation_s / 1e9 / peak_gflops
+        budgeted = timed.get(f"altlearn/P={p}/budget={memory_budget_mb}MB")
+        if budgeted is not None:
+            entry["generations_per_s_budgeted"] = budgeted["generations_per_s"]
+    ratio = (
+        timed[f"altlearn/P={overhead_population}"]["median_generation_s"]
+        / timed[f"raw/P={overhead_population}"]["median_generation_s"]
+    )
+    fractions = [per_population[p]["fraction_of_peak"] for p in populations]
+    return {
+        "overhead": {
+            "population_size": overhead_population,
+            "altlearn": timed[f"altlearn/P={overhead_population}"],
+            "raw_evosax": timed[f"raw/P={overhead_population}"],
+            "ratio_altlearn_over_raw": ratio,
+            "target_ratio": OVERHEAD_TARGET,
+            "target_met": bool(ratio <= OVERHEAD_TARGET),
+        },
+        "populations": [per_population[p] for p in populations],
+        "peak_fraction_target": PEAK_FRACTION_TARGET,
+        "peak_target_met": {
+            str(p): bool(f >= PEAK_FRACTION_TARGET) for p, f in zip(populations, fractions)
+        },
+        "memory_budget_mb": memory_budget_mb,
+        "timed_chunks": timed,
+        "repeats": repeats,
+        "matmul_peak": {
+            "n": matmul_size,
+            "times_s": times["matmul"],
+            "gflops": peak_gflops,
+            "gflops_median": 2 * matmul_size**3 / statistics.median(times["matmul"]) / 1e9,
+        },
+        "other_processes_busy_cores": other_load,
+        "config": {
+            "model": f"mlp 40-{'-'.join(map(str, widths))}-10 relu",
+            "data": "mnist1d",
+            "batch_size": BATCH,
+            "strategy": "Open_ES",
+            "std": STD,
+            "optimizer": f"adam({LEARNING_RATE})",
+        },
+        "machine": machine_facts(),
+    }
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The three tables: overhead, throughput against population size, memory."""
+    o = result["overhead"]
+    mib = lambda b: f"{b / 2**20:.1f}" if b is not None else "n/a"
+    lines = [
+        f"**Overhead** (Open_ES, P={o['population_size']}, "
+        f"{o['altlearn']['generations_per_chunk']} generations per compiled chunk)",
+        "",
+        "| loop | compile (s) | time/generation (ms) | generations/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("altlearn", "raw_evosax"):
+        r = o[name]
+        lines.append(
+            f"| {name} | {r['compile_s']:.2f} | {1e3 * r['median_generation_s']:.2f} | "
+            f"{r['generations_per_s']:.1f} |"
+        )
+    verdict = "met" if o["target_met"] else "NOT met"
+    lines += [
+        "",
+        f"ratio altlearn/raw: **{o['ratio_altlearn_over_raw']:.3f}** "
+        f"(target <= {o['target_ratio']:.2f}: {verdict})",
+        "",
+        f"**Throughput** (float32 matmul peak {result['matmul_peak']['gflops']:.1f} GFLOP/s, "
+        f"fastest {result['matmul_peak']['n']}^2 matmul of the rounds)",
+        "",
+        "| population | generations/s | GFLOP/generation (XLA) | GFLOP/generation "
+        "(2·B·params·(P+1)) | GFLOP/s | % of peak | evaluation alone (ms) | evaluation "
+        "% of peak | evaluation share of a generation |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["populations"]:
+        xla = f"{r['flops_xla'] / 1e9:.2f}" if r["flops_xla"] else "n/a"
+        lines.append(
+            f"| {r['population_size']} | {r['generations_per_s']:.1f} | {xla} | "
+            f"{r['flops_analytic'] / 1e9:.2f} | {r['gflops']:.1f} | "
+            f"{100 * r['fraction_of_peak']:.0f} | {1e3 * r['evaluation_s']:.1f} | "
+            f"{100 * r['evaluation_fraction_of_peak']:.0f} | "
+            f"{100 * r['evaluation_share']:.0f}% |"
+        )
+    lines += [
+        "",
+        f"**Memory** of one compiled step (MiB; budget = rule.memory_budget_mb="
+        f"{result['memory_budget_mb']})",
+        "",
+        "| population | population (P·params·4 B) | temp | temp, budget | members per chunk, "
+        "budget | arguments | outputs | generations/s, budget |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["populations"]:
+        m, mb = r["memory"] or {}, r["memory_budgeted"] or {}
+        budgeted = r.get("generations_per_s_budgeted")
+        lines.append(
+            f"| {r['population_size']} | {mib(r['population_bytes'])} | {mib(m.get('temp'))} | "
+            f"{mib(mb.get('temp'))} | {r['chunk_size_budgeted']} | {mib(m.get('argument'))} | "
+            f"{mib(m.get('output'))} | "
+            f"{f'{budgeted:.1f}' if budgeted else '-'} |"
+        )
+    if result.get("other_processes_busy_cores") is not None:
+        lines += [
+            "",
+            f"Other processes kept {result['other_processes_busy_cores']:.2f} of "
+            f"{result['machine']['cpu_count']} cores busy during the timed rounds.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    rules.RULES.setdefault(
+        "evolution",
+        RuleSpec(evolution, needs_layered=False, uses_optimizer=True, summary="", source=""),
+    )
+    result = measure(
+        tuple(int(p) for p in _POPULATIONS.value),
+        _OVERHEAD_POPULATION.value,
+        _CHUNK_GENERATIONS.value,
+        _REPEATS.value,
+        _BUDGET_MB.value,
+        tuple(int(w) for w in _WIDTHS.value),
+        _MATMUL_SIZE.value,
+    )
+    result["command"] = " ".join(["python -m experiments.bench_evolution", *sys.argv[1:]])
+    out = write_json(result, _OUT.value)
+    print(markdown_tables(result))
+    print(f"\nWrote {out}.")
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    _POPULATIONS = flags.DEFINE_list("populations", ["16", "64", "256", "1024"], "Sizes timed.")
+    _OVERHEAD_POPULATION = flags.DEFINE_integer("overhead_population", 64, "P of part 1.")
+    _CHUNK_GENERATIONS = flags.DEFINE_integer(
+        "chunk_generations", 16, "Generations per chunk at the overhead population."
+    )
+    _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed rounds (interleaved).")
+    _BUDGET_MB = flags.DEFINE_integer("budget_mb", 32, "rule.memory_budget_mb of part 3.")
+    _WIDTHS = flags.DEFINE_list("widths", ["256", "256"], "Hidden widths of the MLP.")
+    _OUT = flags.DEFINE_string("out", "docs/bench/evolution.json", "Where the JSON goes.")
+    _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the peak-FLOPs matmul.")
+    app.run(main)

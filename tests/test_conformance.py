@@ -53,6 +53,20 @@ SETUPS = {
         min_test_accuracy=0.85,
         sweep=("rule.strategy_params.std_init", (0.02, 0.05)),
     ),
+    "pso": dict(
+        overrides={"rule.velocity_clamp": 0.1},
+        steps=200,
+        max_train_loss=0.7,
+        min_test_accuracy=0.7,
+        sweep=("rule.inertia", (0.5, 0.729)),
+    ),
+    "neuron_pso": dict(
+        overrides={"rule.velocity_clamp": 0.1},
+        steps=100,
+        max_train_loss=0.3,
+        min_test_accuracy=0.85,
+        sweep=("rule.inertia", (0.5, 0.729)),
+    ),
     "forward_gradient": dict(
         overrides={"optimizer.learning_rate": 3e-3},
         learning_overrides={"rule.num_noise_samples": 16},

@@ -23,6 +23,7 @@ from altlearn.rules.node_perturbation import (
     node_perturbation,
     weight_perturbation,
 )
+from altlearn.rules.swarm import neuron_pso, pso
 
 RULES: dict[str, RuleSpec] = {
     "backprop": RuleSpec(
@@ -61,6 +62,22 @@ RULES: dict[str, RuleSpec] = {
         summary="any evosax strategy (Open_ES, SNES, Sep_CMA_ES, PGPE, PSO, DE, GAs, ...) over the "
         "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
         source="evosax (Lange 2023); RULES.md section 2",
+    ),
+    "pso": RuleSpec(
+        pso,
+        needs_layered=False,
+        uses_optimizer=False,
+        summary="whole-network particle swarm (constriction coefficients, velocity clamp); bests "
+        "re-scored on each batch; population vmapped, chunked, sharded",
+        source="baseline of paper 000 (Kumar, arXiv 2412.05667); Clerc & Kennedy 2002",
+    ),
+    "neuron_pso": RuleSpec(
+        neuron_pso,
+        needs_layered=True,
+        uses_optimizer=False,
+        summary="a cooperative swarm per neuron (Jacobi or Gauss-Seidel), neurons x particles in "
+        "one vmap, downstream-only evaluation",
+        source="paper 000 (Kumar, arXiv 2412.05667); RULES.md section 3",
     ),
 }
 
@@ -108,7 +125,9 @@ __all__ = [
     "get_rule_spec",
     "gradient_rule",
     "make_rule",
+    "neuron_pso",
     "node_perturbation",
     "options_of",
+    "pso",
     "weight_perturbation",
 ]

@@ -17,8 +17,8 @@ from altlearn.config import base_config
 
 METHODS = {
     "bp": ("backprop", {}),
-    "pso": ("pso", {"population_size": 64}),
-    "neuron_pso": ("neuron_pso", {"particles_per_neuron": 16}),
+    "pso": ("pso", {"population_size": 64, "velocity_clamp": 0.1}),
+    "neuron_pso": ("neuron_pso", {"particles_per_neuron": 16, "velocity_clamp": 0.1}),
     "open_es": (
         "evolution",
         {"strategy": "Open_ES", "population_size": 64, "strategy_params": {"std_init": 0.05}},

@@ -42,10 +42,12 @@ def forward_passes(config) -> str:
     m = int(rule.get("num_noise_samples", 1))
     if rule.name == "backprop":
         return "1 + 1B"
-    if rule.name in ("evolution", "pso"):
+    if rule.name == "evolution":
         return f"1 + {rule.population_size}"
+    if rule.name == "pso":  # new positions, and the bests re-scored on the new batch
+        return f"1 + 2 x {rule.population_size}"
     if rule.name == "neuron_pso":
-        return f"1 + {rule.particles_per_neuron} x neurons"
+        return f"1 + 2 x {rule.particles_per_neuron} x neurons"
     if rule.name == "forward_gradient":
         return f"{m}J"
     if rule.name == "weight_perturbation":
@@ -62,7 +64,9 @@ def forward_pass_count(config, num_outputs: int) -> float:
     neuron (their downstream-only evaluation is cheaper than that)."""
     rule = config.rule
     if rule.name == "neuron_pso":
-        return 1 + rule.particles_per_neuron * (sum(config.model.widths) + num_outputs)
+        return 1 + 2 * rule.particles_per_neuron * (sum(config.model.widths) + num_outputs)
+    if rule.name == "pso":
+        return 1 + 2 * rule.population_size
     total = 0.0
     for term in forward_passes(config).split(" + "):
         count = term.rstrip("BJ")

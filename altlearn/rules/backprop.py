@@ -13,7 +13,7 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import EstimateAux, LearningRule, gradient_rule
+from altlearn.rules.base import EstimateAux, LearningRule, batch_loss, gradient_rule
 
 
 def backprop(
@@ -25,18 +25,10 @@ def backprop(
 ) -> LearningRule:
     """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
 
-    def batch_loss(params, variables, x, y, key):
-        variables = {**variables, "params": params}
-        if model.layered:  # on a noisy system (intrinsic_noise > 0) the pass is noisy too
-            out, trace = model.apply_layered(variables, x, key=key)
-            return task.loss(out, y).mean(), trace.inputs
-        return task.loss(model.apply(variables, x), y).mean(), None
-
     def estimate(key, variables, batch):
         x, y = batch
-        (loss, inputs), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-            variables["params"], variables, x, y, key
-        )
+        loss_of = lambda p: batch_loss(model, task, {**variables, "params": p}, x, y, key)
+        (loss, inputs), grads = jax.value_and_grad(loss_of, has_aux=True)(variables["params"])
         return grads, EstimateAux(loss, inputs)
 
     return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)

@@ -77,6 +77,17 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be > 0, got {value}.")
 
 
+def batch_loss(model: Any, task: Any, variables: Variables, x: jax.Array, y: jax.Array, key=None):
+    """(mean batch loss, clean layer inputs or None for a forward-only model).
+
+    On a noisy system (``intrinsic_noise > 0``) the pass draws its intrinsic noise from ``key``.
+    """
+    if model.layered:
+        out, trace = model.apply_layered(variables, x, key=key)
+        return jnp.mean(task.loss(out, y)), trace.inputs
+    return jnp.mean(task.loss(model.apply(variables, x), y)), None
+
+
 class GradientRuleState(NamedTuple):
     opt_state: optax.OptState
     count: jax.Array  # int32 [], steps taken

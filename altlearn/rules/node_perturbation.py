@@ -40,7 +40,13 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import LayeredModel, Model
-from altlearn.rules.base import EstimateAux, LearningRule, check_positive, gradient_rule
+from altlearn.rules.base import (
+    EstimateAux,
+    LearningRule,
+    batch_loss,
+    check_positive,
+    gradient_rule,
+)
 
 VARIANTS = ("np", "anp", "inp")
 MODES = ("finite_difference", "jvp")
@@ -160,16 +166,10 @@ def weight_perturbation(
     if int(num_noise_samples) < 1:
         raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}.")
 
-    def batch_loss(variables, x, y, key):
-        if model.layered:
-            out, trace = model.apply_layered(variables, x, key=key)
-            return jnp.mean(task.loss(out, y)), trace.inputs
-        return jnp.mean(task.loss(model.apply(variables, x), y)), None
-
     def estimate(key, variables, batch):
         x, y = batch
         key_clean, key_noise = jax.random.split(key)
-        loss_clean, inputs = batch_loss(variables, x, y, key_clean)
+        loss_clean, inputs = batch_loss(model, task, variables, x, y, key_clean)
         params = variables["params"]
         leaves, treedef = jax.tree.flatten(params)
 
@@ -179,7 +179,7 @@ def weight_perturbation(
             eps = [sigma * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
             eps = jax.tree.unflatten(treedef, eps)
             noisy = {**variables, "params": jax.tree.map(jnp.add, params, eps)}
-            dl = loss_clean - batch_loss(noisy, x, y, key_system)[0]
+            dl = loss_clean - batch_loss(model, task, noisy, x, y, key_system)[0]
             return jax.tree.map(lambda e: -dl * e / sigma**2, eps)
 
         grads = jax.vmap(one_sample)(jax.random.split(key_noise, num_noise_samples))
@@ -204,19 +204,12 @@ def forward_gradient(
     if int(num_noise_samples) < 1:
         raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}.")
 
-    def batch_loss(params, variables, x, y, key):
-        variables = {**variables, "params": params}
-        if model.layered:
-            out, trace = model.apply_layered(variables, x, key=key)
-            return jnp.mean(task.loss(out, y)), trace.inputs
-        return jnp.mean(task.loss(model.apply(variables, x), y)), None
-
     def estimate(key, variables, batch):
         x, y = batch
         key_system, key_noise = jax.random.split(key)
         params = variables["params"]
         leaves, treedef = jax.tree.flatten(params)
-        f = lambda p: batch_loss(p, variables, x, y, key_system)
+        f = lambda p: batch_loss(model, task, {**variables, "params": p}, x, y, key_system)
 
         def one_sample(k):
             keys = jax.random.split(k, len(leaves))

@@ -92,6 +92,27 @@ def parse_variant(arg: str | None) -> dict[str, str]:
     return out
 
 
+def parse_keyed_variant(
+    arg: str | None, defaults: dict[str, str], methods: Any = None
+) -> dict[str, str]:
+    """Parses an experiment config's ``key=value,...`` variant over ``defaults``' keys.
+
+    Unknown keys are refused naming the valid ones; with ``methods`` given, so is a ``method``
+    value outside it (experiments/configs/np_family.py, population.py, closed_form.py).
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in out:
+            raise ValueError(f"Bad variant {item!r}; keys: {', '.join(out)}.")
+        out[key] = value
+    if methods is not None and out.get("method") not in methods:
+        raise ValueError(
+            f"Unknown method {out.get('method')!r}; valid choices: {', '.join(methods)}."
+        )
+    return out
+
+
 def _check_keys(where: str, present: set[str], valid: set[str], hint: str = "") -> None:
     unknown = sorted(present - valid)
     if unknown:

@@ -96,9 +96,15 @@ class LayeredModel:
         layers: Sequence[Layer],
         decorrelation: bool = False,
         intrinsic_noise: float = 0.0,
+        activation: str | None = None,
+        negative_slope: float | None = None,
     ):
         self.name = name
         self.layers = tuple(layers)
+        # The hidden activation's name (and leaky slope) where it is one for all layers: rules
+        # that solve for a layer in closed form need to know the function, not just call it.
+        self.activation = activation
+        self.negative_slope = negative_slope
         self.decorrelation = decorrelation
         if intrinsic_noise < 0:
             raise ValueError(f"intrinsic_noise must be >= 0, got {intrinsic_noise}.")
@@ -251,7 +257,9 @@ def mlp(
         Layer(_dense(w), f if i < len(widths) else None, flatten if i == 0 else None)
         for i, w in enumerate(sizes)
     ]
-    return LayeredModel("mlp", layers, decorrelation, intrinsic_noise)
+    return LayeredModel(
+        "mlp", layers, decorrelation, intrinsic_noise, activation, float(negative_slope)
+    )
 
 
 def _conv_stack(

@@ -2,7 +2,8 @@
 logging, checkpointing and a NaN check between chunks.
 
 Outputs in ``workdir``: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
-evaluation), ``summary.json`` (final figures), ``tensorboard/`` (event files), ``curves.png``
+evaluation, with the rule's own metrics averaged over the chunk as ``rule/<name>``),
+``summary.json`` (final figures), ``tensorboard/`` (event files), ``curves.png``
 and ``checkpoints/`` (orbax). Running again on a workdir that holds a checkpoint resumes from the
 latest one and ends with the same numbers as an uninterrupted run.
 """
@@ -24,7 +25,7 @@ from absl import logging
 
 from altlearn import plotting
 from altlearn.data import Dataset
-from altlearn.train import Experiment, TrainState
+from altlearn.train import Experiment, TrainState, configure_jax
 
 RESUMABLE_KEYS = ("steps", "eval_every", "keep_checkpoints")  # may change on resume
 
@@ -60,6 +61,20 @@ def _floats(tree: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in tree.items()}
 
 
+def _rule_metrics(step_metrics: dict[str, Any]) -> dict[str, float]:
+    """The rule's own per-step metrics as ``rule/<name>``: their mean over the chunk (with
+    eval_every=1, each step's value, e.g. closed_form's accepted / step_length per alternation).
+    Non-finite values (e.g. a fitness mean when every member was NaN) are left out."""
+    out = {}
+    for name, values in step_metrics.items():
+        if name == "loss":
+            continue
+        value = float(np.mean(np.asarray(values, np.float64)))
+        if math.isfinite(value):
+            out[f"rule/{name}"] = value
+    return out
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -74,6 +89,7 @@ def run(
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
     experiment = Experiment(config, dataset)  # validates the config and loads the data first
     config_path = workdir / "config.json"
     if config_path.exists():
@@ -125,7 +141,7 @@ def run(
 
     def log_eval(s: TrainState, extra: dict[str, float]) -> dict[str, float]:
         record = {"step": int(s.step), **_floats(evaluate(s)), **extra}
-        bad = [k for k, v in record.items() if not math.isfinite(v)]
+        bad = [k for k, v in record.items() if not math.isfinite(v) and not k.startswith("rule/")]
         if bad:
             raise DivergenceError(
                 f"Evaluation at step {record['step']} gave non-finite {', '.join(bad)}; the last "
@@ -166,7 +182,12 @@ def run(
                 )
             rate = trained / max(train_time, 1e-9)
             record = log_eval(
-                state, {"train_loss_running": float(losses.mean()), "steps_per_s": rate}
+                state,
+                {
+                    "train_loss_running": float(losses.mean()),
+                    "steps_per_s": rate,
+                    **_rule_metrics(step_metrics),
+                },
             )
             manager.save(record["step"], args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
@@ -194,6 +215,7 @@ def run(
         "model": config.model.name,
         "data": config.data.name,
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.variables["params"]))),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "compile_time_s": compile_time,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,

@@ -241,6 +241,17 @@ class Experiment:
         return {**out, **self.diagnostics(state)}
 
 
+def configure_jax(config: ml_collections.ConfigDict) -> bool:
+    """Turns JAX's 64-bit mode on when the config's rule solves in float64 (``prefers_x64``,
+    e.g. closed_form) and the backend has float64 (not a TPU). Call it before anything is built;
+    binaries do. Other rules' arrays keep their float32 dtypes. Returns whether 64-bit is on."""
+    spec = rules.get_rule_spec(config.rule.name)
+    wanted = spec.prefers_x64 and config.rule.get("dtype", "auto") != "float32"
+    if wanted and jax.default_backend() != "tpu" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    return bool(jax.config.jax_enable_x64)
+
+
 def make_train(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):
     """Returns ``train(key, hparams=None) -> (final TrainState, metrics)`` for ``config.steps``.
 

@@ -75,6 +75,16 @@ SETUPS = {
         min_test_accuracy=0.60,
         sweep=("optimizer.learning_rate", (1e-3, 3e-3)),
     ),
+    "closed_form": dict(
+        # In 64-bit mode, as the binaries run it (float32 solves: tests/test_closed_form.py).
+        # Full batch, as the rule is designed for.
+        x64=True,
+        overrides={"loss": "squared_error", "batch_size": 100_000, "model.widths": (16,)},
+        steps=8,
+        max_train_loss=0.1,
+        min_test_accuracy=0.9,
+        sweep=("rule.ridge", (1e-4, 1e-2)),
+    ),
 }
 
 RULE_NAMES = sorted(RULES)
@@ -87,6 +97,15 @@ def _config(rule, steps=6, **extra):
 def _learning_config(rule):
     setup = SETUPS[rule]
     return _config(rule, steps=setup["steps"], **setup.get("learning_overrides", {}))
+
+
+@pytest.fixture(autouse=True)
+def _precision(request):
+    """JAX's 64-bit mode for the rules whose setup asks for it (as ``configure_jax`` does)."""
+    callspec = getattr(request.node, "callspec", None)
+    rule = callspec.params.get("rule") if callspec else None
+    with jax.enable_x64(bool(rule and SETUPS.get(rule, {}).get("x64", False))):
+        yield
 
 
 def test_every_rule_has_a_setup():

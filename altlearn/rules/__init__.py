@@ -17,6 +17,7 @@ from altlearn.rules.base import (
     gradient_rule,
     rule_options,
 )
+from altlearn.rules.closed_form import closed_form
 from altlearn.rules.evolution import evolution
 from altlearn.rules.node_perturbation import (
     forward_gradient,
@@ -79,6 +80,16 @@ RULES: dict[str, RuleSpec] = {
         "one vmap, downstream-only evaluation",
         source="paper 000 (Kumar, arXiv 2412.05667); RULES.md section 3",
     ),
+    "closed_form": RuleSpec(
+        closed_form,
+        needs_layered=True,
+        uses_optimizer=False,
+        summary="two-layer ReLU/leaky MLP, square loss: alternating closed-form solves of the "
+        "output layer (ridge) and the hidden layer (activation pattern frozen, block-structured "
+        "normal equations, Cholesky), backtracked so the loss never rises; float64, full batch",
+        source="paper 002 (Barbu, arXiv 2304.02972); RULES.md section 4",
+        prefers_x64=True,
+    ),
 }
 
 
@@ -120,6 +131,7 @@ __all__ = [
     "LearningRule",
     "RuleSpec",
     "backprop",
+    "closed_form",
     "evolution",
     "forward_gradient",
     "get_rule_spec",

@@ -59,6 +59,7 @@ class RuleSpec(NamedTuple):
     uses_optimizer: bool  # hands an estimate to the configured optax optimizer
     summary: str  # one line for the README table
     source: str  # the paper (or 'baseline')
+    prefers_x64: bool = False  # solves in float64 where the platform has it (configure_jax)
 
 
 def rule_options(spec: RuleSpec) -> dict[str, Any]:

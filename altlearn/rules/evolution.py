@@ -350,7 +350,12 @@ def evolution(
                 population = jax.tree.map(
                     lambda a: a.reshape(num_means, population_size, *a.shape[1:]), population
                 )
-            es_state, _ = es.tell(key_tell, population, fitness, es_state, es_params)
+            told, _ = es.tell(key_tell, population, fitness, es_state, es_params)
+            # A strategy whose mean turns non-finite (seen: Sep_CMA_ES after its step size
+            # collapsed) has broken down: keep the last finite state, so the reported params
+            # stay the last finite mean, and flag it in ``metrics['strategy_nonfinite']``.
+            healthy = jnp.all(jnp.isfinite(told.mean))
+            es_state = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), told, es_state)
             _, unravel = ravel_pytree(params)
             if num_means:
                 by_mean = jnp.mean(fitness.reshape(num_means, population_size), axis=1)
@@ -369,6 +374,8 @@ def evolution(
             "fitness_std": jnp.where(count > 0, jnp.sqrt(var), jnp.nan),
             "nan_fitness": (total - count).astype(jnp.int32),
         }
+        if not population_based:
+            metrics["strategy_nonfinite"] = (~healthy).astype(jnp.int32)
         return {**variables, "params": new_params}, new_state, metrics
 
     return LearningRule(init, step)

@@ -20,7 +20,7 @@ in-1024-1024-1024-out, batch 1000, 50 epochs, Adam 1e-4 (1e-3 for DBP), sigma 1e
 pixels / 255 with no standardisation (data=cifar10 or mnist, files in data/).
 """
 
-from altlearn.config import base_config
+from altlearn.config import base_config, parse_keyed_variant
 
 METHODS = {
     "bp": ("backprop", {}, False),
@@ -47,13 +47,7 @@ def parse(arg: str | None) -> dict[str, str]:
         "noise": "0",
         "sigma": "",
     }
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in out:
-            raise ValueError(f"Bad variant {item!r}; keys: {', '.join(out)}.")
-        out[key] = value
-    if out["method"] not in METHODS:
-        raise ValueError(f"Unknown method {out['method']!r}; valid choices: {', '.join(METHODS)}.")
+    out = parse_keyed_variant(arg, out, METHODS)
     if out["scale"] not in ("cpu", "paper"):
         raise ValueError(f"Unknown scale {out['scale']!r}; valid choices: cpu, paper.")
     return out

@@ -13,7 +13,7 @@ budget instead. About 5-60 s per run on 2 CPU cores. Expected: backprop best on 
 swarms close to it on moons and circles (docs/RESULTS.md has the measured table).
 """
 
-from altlearn.config import base_config
+from altlearn.config import base_config, parse_keyed_variant
 
 METHODS = {
     "bp": ("backprop", {}),
@@ -35,15 +35,7 @@ METHODS = {
 
 
 def parse(arg: str | None) -> dict[str, str]:
-    out = {"method": "neuron_pso", "data": "moons"}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in out:
-            raise ValueError(f"Bad variant {item!r}; keys: {', '.join(out)}.")
-        out[key] = value
-    if out["method"] not in METHODS:
-        raise ValueError(f"Unknown method {out['method']!r}; valid choices: {', '.join(METHODS)}.")
-    return out
+    return parse_keyed_variant(arg, {"method": "neuron_pso", "data": "moons"}, METHODS)
 
 
 def get_config(arg: str | None = None):

@@ -122,7 +122,12 @@ def test_metrics_report_the_incoming_params_and_the_generation(tiny):
     loss = jnp.mean(task.loss(model.apply(variables, batch[0]), batch[1]))
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     assert set(metrics) == {
-        "loss", "fitness_best", "fitness_mean", "fitness_std", "nan_fitness", "strategy_nonfinite"
+        "loss",
+        "fitness_best",
+        "fitness_mean",
+        "fitness_std",
+        "nan_fitness",
+        "strategy_nonfinite",
     }
     assert float(metrics["fitness_best"]) <= float(metrics["fitness_mean"])
     assert float(metrics["fitness_std"]) > 0 and int(metrics["nan_fitness"]) == 0

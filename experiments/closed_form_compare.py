@@ -5,10 +5,12 @@ the same weights) and square loss for every method:
 
 * closed_form: ``--alternations`` alternations per seed, each timed on its own (one jitted step,
   blocked), so the wall-time axis is the rule's real cumulative time, compile excluded.
-* gd / adam_full (full batch) and sgd / adam (minibatch 64): ``--steps`` steps at every learning
-  rate of the grid (``--sgd_lrs``, ``--adam_lrs``) for every seed, as ONE vmapped program per
-  method; the learning rate with the lowest final training loss (mean over seeds) is kept. Their
-  wall-time axis is step x the steady-state time per step of one unbatched run at that rate.
+* gd / adam_full (full batch) and sgd / adam (minibatch 64): ``--steps`` steps, or as many as
+  one run makes in closed_form's wall time where that is more (``--max_steps`` caps it), at
+  every learning rate of the grid (``--sgd_lrs``, ``--adam_lrs``) for every seed, as ONE
+  vmapped program per method; the learning rate with the lowest final training loss (mean over
+  seeds) is kept. Their wall-time axis is step x the steady-state time per step of one
+  unbatched run at that rate.
 
 Writes ``--out``.json (curves, grids, timings), .md (tables) and .png (training loss against
 wall time per dataset, mean over seeds).
@@ -87,7 +89,7 @@ def run_closed_form(dataset, width: int, seeds: int, alternations: int) -> dict:
     return {
         "runs": runs,
         "compile_time_s": compile_time,
-        "dtype": str(experiment.build_rule(experiment.default_hparams) and _solve_dtype()),
+        "dtype": _solve_dtype(),
     }
 
 
@@ -97,10 +99,37 @@ def _solve_dtype() -> str:
     return jnp.dtype(solve_dtype("auto")).name
 
 
-def run_baseline(method, dataset, width, seeds, steps, lrs, records) -> dict:
-    """The lr grid x seeds in one vmapped program; curves of the best lr; its unbatched timing."""
+def _time_per_step(experiment, lr: float, steps: int) -> tuple[float, float]:
+    """(steady-state seconds per step of ONE run at ``lr``, compile seconds)."""
+    single = experiment.init(jax.random.PRNGKey(0), {"optimizer.learning_rate": lr})
+    t = time.perf_counter()
+    timed = jax.jit(lambda s: experiment.train_steps(s, steps)[0]).lower(single).compile()
+    compile_time = time.perf_counter() - t
+    single = jax.block_until_ready(timed(single))
+    repeats = 3
+    t = time.perf_counter()
+    for _ in range(repeats):
+        single = timed(single)
+    jax.block_until_ready(single)
+    return (time.perf_counter() - t) / (repeats * steps), compile_time
+
+
+def run_baseline(
+    method, dataset, width, seeds, steps, lrs, records, min_seconds=0.0, max_steps=400_000
+) -> dict:
+    """The lr grid x seeds in one vmapped program; curves of the best lr; its unbatched timing.
+
+    A baseline runs ``steps`` steps, or more where that takes less than ``min_seconds`` of one
+    run's time (so it gets at least closed_form's wall time), up to ``max_steps``.
+    """
     config = _config(method, dataset.name, width, steps=steps)
     experiment = Experiment(config, dataset)
+    if min_seconds > 0:
+        probe, _ = _time_per_step(experiment, lrs[0], 200)
+        steps = min(max(steps, int(np.ceil(min_seconds / probe))), max_steps)
+        steps = -(-steps // records) * records
+        config = _config(method, dataset.name, width, steps=steps)
+        experiment = Experiment(config, dataset)
     every = max(1, steps // records)
     grid_lrs = jnp.repeat(jnp.asarray(lrs, jnp.float32), seeds)
     keys = jnp.tile(jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds)), (len(lrs), 1))
@@ -120,17 +149,7 @@ def run_baseline(method, dataset, width, seeds, steps, lrs, records) -> dict:
         k: np.asarray(v).reshape(len(lrs), seeds)[best].tolist() for k, v in evaluation.items()
     }
     # Steady-state time per step of ONE run at the chosen rate (compile reported apart).
-    single = experiment.init(jax.random.PRNGKey(0), {"optimizer.learning_rate": lrs[best]})
-    t = time.perf_counter()
-    timed = jax.jit(lambda s: experiment.train_steps(s, every)[0]).lower(single).compile()
-    compile_time = time.perf_counter() - t
-    single = jax.block_until_ready(timed(single))
-    t = time.perf_counter()
-    repeats = 3
-    for _ in range(repeats):
-        single = timed(single)
-    jax.block_until_ready(single)
-    per_step = (time.perf_counter() - t) / (repeats * every)
+    per_step, compile_time = _time_per_step(experiment, lrs[best], min(every, 2000))
     steps_axis = np.arange(curves.shape[-1]) * every
     logging.info(
         "%s %s: lr %g, final train loss %.4g", dataset.name, method, lrs[best], final[best]
@@ -163,8 +182,8 @@ def summarise(results: dict) -> str:
             f"### {data}",
             "",
             f"| method | lr (grid best) | final train loss (mean ± std) | {metric} | "
-            "time / step | total time (s) |",
-            "|---|---|---|---|---|---|",
+            "steps | time / step | total time (s) |",
+            "|---|---|---|---|---|---|---|",
         ]
         losses = np.array([run["train_loss"][-1] for run in cf["runs"]])
         tests = np.array([run["final"][metric] for run in cf["runs"]])
@@ -172,7 +191,7 @@ def summarise(results: dict) -> str:
         steps = len(cf["runs"][0]["train_loss"]) - 1
         lines.append(
             f"| closed_form ({cf['dtype']}) | - | {losses.mean():.4g} ± {losses.std():.2g} | "
-            f"{tests.mean():.3f} ± {tests.std():.3f} | {total / steps * 1e3:.1f} ms | "
+            f"{tests.mean():.3f} ± {tests.std():.3f} | {steps} | {total / steps * 1e3:.1f} ms | "
             f"{total:.2f} |"
         )
         for method in BASELINES:
@@ -181,7 +200,8 @@ def summarise(results: dict) -> str:
             test = np.array(b["final"][metric])
             lines.append(
                 f"| {method} | {b['best_lr']:g} | {loss.mean():.4g} ± {loss.std():.2g} | "
-                f"{test.mean():.3f} ± {test.std():.3f} | {b['time_per_step_s'] * 1e3:.3f} ms | "
+                f"{test.mean():.3f} ± {test.std():.3f} | {b['steps'][-1]} | "
+                f"{b['time_per_step_s'] * 1e3:.3f} ms | "
                 f"{b['time_s'][-1]:.2f} |"
             )
         lines.append("")
@@ -257,10 +277,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(data)
+        ax.legend(fontsize=6)
         ax.set_xlabel("wall time (s, compile excluded)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (mean of 3 seeds)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -278,8 +298,17 @@ def main(argv: list[str]) -> None:
                 float(x)
                 for x in (_SGD_LRS.value if "sgd" in method or method == "gd" else _ADAM_LRS.value)
             ]
+            cf_seconds = max(run["time_s"][-1] for run in r["closed_form"]["runs"])
             r[method] = run_baseline(
-                method, dataset, _WIDTH.value, _SEEDS.value, _STEPS.value, lrs, _RECORDS.value
+                method,
+                dataset,
+                _WIDTH.value,
+                _SEEDS.value,
+                _STEPS.value,
+                lrs,
+                _RECORDS.value,
+                min_seconds=cf_seconds,
+                max_steps=_MAX_STEPS.value,
             )
         r["reach"] = reach_analysis(r)
         results[data] = r
@@ -298,6 +327,9 @@ if __name__ == "__main__":
     _WIDTH = flags.DEFINE_integer("width", 32, "Hidden width, the same for every method.")
     _ALTS = flags.DEFINE_integer("alternations", 30, "closed_form alternations.")
     _STEPS = flags.DEFINE_integer("steps", 5000, "Steps of every baseline.")
+    _MAX_STEPS = flags.DEFINE_integer(
+        "max_steps", 400_000, "Cap on a baseline's steps when matching closed_form's time."
+    )
     _RECORDS = flags.DEFINE_integer("records", 50, "Training-loss records per baseline run.")
     _SGD_LRS = flags.DEFINE_list("sgd_lrs", ["0.003", "0.01", "0.03", "0.1", "0.3"], "SGD grid.")
     _ADAM_LRS = flags.DEFINE_list(

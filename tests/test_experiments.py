@@ -41,3 +41,45 @@ def test_bench_rules_measures_ratios():
     results = bench_rules.measure(configs, chunk_steps=3, repeats=2)
     assert results["bp"]["ratio_vs_first"] == 1.0
     assert results["np"]["step_ms"] > 0 and results["np"]["compile_s"] > 0
+
+
+def test_population_config_and_generated_rice_table(tmp_path):
+    from altlearn.data import load_dataset
+    from experiments import make_table
+    from experiments.configs import population
+
+    path = make_table.write_table(tmp_path / "rice_like.csv", rows=200)
+    data = load_dataset(f"csv:{path}")
+    assert data.task == "classification" and data.num_outputs == 2
+    assert data.x_train.shape[1] == 7
+    for method in population.METHODS:
+        config = population.get_config(f"method={method},data=csv:{path}")
+        assert config.model.widths == (16,)
+    with pytest.raises(ValueError, match="valid choices: bp, pso"):
+        population.get_config("method=cma")
+
+
+def test_closed_form_compare_on_a_tiny_run():
+    """Every method, the lr grid in one vmapped program, the tables and the reach analysis."""
+    import jax
+
+    from altlearn.data import load_dataset
+    from experiments import closed_form_compare as cfc
+    from experiments.configs import closed_form
+
+    with pytest.raises(ValueError, match="valid choices: closed_form, gd"):
+        closed_form.get_config("method=lbfgs")
+    data = load_dataset("wine")
+    with jax.enable_x64(True):
+        result = {"closed_form": cfc.run_closed_form(data, width=8, seeds=2, alternations=3)}
+        assert result["closed_form"]["dtype"] == "float64"
+    for method in cfc.BASELINES:
+        result[method] = cfc.run_baseline(method, data, 8, 2, 20, [1e-3, 1e-2], 4)
+        assert result[method]["best_lr"] in (1e-3, 1e-2)
+        assert len(result[method]["train_loss"]) == 2  # seeds
+    runs = result["closed_form"]["runs"]
+    assert all(len(r["train_loss"]) == 4 and r["time_s"][-1] > 0 for r in runs)
+    assert all(b <= a for r in runs for a, b in zip(r["train_loss"][1:], r["train_loss"][2:]))
+    result["reach"] = cfc.reach_analysis(result)
+    text = cfc.summarise({"wine": result})
+    assert "| closed_form (float64) |" in text and "Adam's best training loss" in text

@@ -151,7 +151,7 @@ def make_hand_loop(
     return init, train_chunk
 
 
-def _flops(compiled: Any) -> float | None:
+def compiled_flops(compiled: Any) -> float | None:
     """The ``flops`` entry of ``compiled.cost_analysis()`` (a dict, or a list of dicts)."""
     try:
         analysis = compiled.cost_analysis()
@@ -164,7 +164,7 @@ def _flops(compiled: Any) -> float | None:
     return float(analysis["flops"])
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
+def cpu_seconds() -> tuple[float, float] | None:
     """(CPU seconds busy on the whole machine, CPU seconds of this process), Linux only."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
@@ -176,9 +176,9 @@ def _cpu_seconds() -> tuple[float, float] | None:
     return (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
 
 
-def _other_load(start: tuple[float, float] | None, wall: float) -> float | None:
+def other_load_cores(start: tuple[float, float] | None, wall: float) -> float | None:
     """Mean number of cores other processes kept busy since ``start`` (None off Linux)."""
-    end = _cpu_seconds()
+    end = cpu_seconds()
     if start is None or end is None or wall <= 0:
         return None
     return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall)
@@ -272,7 +272,7 @@ def measure(
     b = experiment.batch_size
     batch = (experiment.x_train[:b], experiment.y_train[:b])
     step_compiled = jax.jit(experiment.train_step).lower(state, batch).compile()
-    xla_step_flops = _flops(step_compiled)
+    xla_step_flops = compiled_flops(step_compiled)
     analytic_flops = 6.0 * experiment.batch_size * num_params
     flops_per_step = xla_step_flops if xla_step_flops is not None else analytic_flops
     flops_source = (
@@ -284,7 +284,7 @@ def measure(
     matmul = make_matmul(matmul_size)
     times: dict[str, list[float]] = {name: [] for name in (*runs, "matmul")}
     losses: dict[str, Any] = {}
-    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     for rep in range(repeats + 1):
         for name, run in runs.items():
             fn, s = run
@@ -297,7 +297,7 @@ def measure(
         matmul().block_until_ready()
         if rep > 0:
             times["matmul"].append(time.perf_counter() - t)
-    other_load = _other_load(cpu_start, time.perf_counter() - wall_start)
+    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
     losses["altlearn"] = losses["altlearn"]["loss"]  # altlearn's per-step metrics are a dict
 
     matmul_s = statistics.median(times["matmul"])

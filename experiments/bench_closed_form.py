@@ -71,7 +71,7 @@ from altlearn.rules.closed_form import (
     output_solve,
     solve_dtype,
 )
-from experiments.bench import _cpu_seconds, _other_load, machine_facts, write_json
+from experiments.bench import cpu_seconds, machine_facts, other_load_cores, write_json
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
 COMPONENTS = ("normal_matrix", "cholesky_solve", "output_solve")
@@ -198,7 +198,7 @@ def measure_point(
 
     times: dict[str, list[float]] = {name: [] for name in calls}
     metrics: dict[str, Any] = {}
-    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     for rep in range(repeats + 1):  # round 0 is the warm-up
         for name, (fn, args) in calls.items():
             t = time.perf_counter()
@@ -207,7 +207,7 @@ def measure_point(
                 times[name].append(time.perf_counter() - t)
             if name == "step":
                 metrics = result[2]
-    other_load = _other_load(cpu_start, time.perf_counter() - wall_start)
+    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
     size = h * (d + 1)
@@ -288,7 +288,7 @@ def measure(
     """
     if repeats <= 0 or not sizes or not widths:
         raise ValueError(f"repeats, sizes and widths must be non-empty/positive, got {repeats}.")
-    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     cache: dict[tuple[int, int], dict[str, Any]] = {}
 
     def point(n: int, h: int) -> dict[str, Any]:
@@ -311,7 +311,7 @@ def measure(
     by_n = [point(int(n), int(width)) for n in sizes]
     by_h = [point(int(n_fixed), int(h)) for h in widths]
     peak = float64_peak(matmul_size, repeats + 2)
-    other_load = _other_load(cpu_start, time.perf_counter() - wall_start)
+    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
     if peak is not None:
         for p in cache.values():
             p["fraction_of_float64_peak"] = {

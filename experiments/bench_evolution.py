@@ -60,11 +60,11 @@ from altlearn.rules.population import activation_bytes, chunk_size_for, evaluate
 from altlearn.train import Experiment
 from experiments.bench import (
     HandMLP,
-    _cpu_seconds,
-    _flops,
-    _other_load,
+    compiled_flops,
+    cpu_seconds,
     machine_facts,
     make_matmul,
+    other_load_cores,
     write_json,
 )
 
@@ -232,7 +232,7 @@ def measure(
             if budget == 0:
                 num_params = sum(int(np.size(a)) for a in jax.tree.leaves(state.variables))
                 entry["num_params"] = num_params
-                entry["flops_xla"] = _flops(step)
+                entry["flops_xla"] = compiled_flops(step)
                 entry["flops_analytic"] = 2.0 * experiment.batch_size * num_params * (p + 1)
                 entry["population_bytes"] = 4 * p * num_params
             if budget == 0 or p == max(populations):
@@ -262,7 +262,7 @@ def measure(
 
     matmul = make_matmul(matmul_size)
     times: dict[str, list[float]] = {name: [] for name in (*chunks, "matmul")}
-    cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
+    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     for rep in range(repeats + 1):  # round 0 is the warm-up
         for name, run in chunks.items():
             t = time.perf_counter()
@@ -274,7 +274,7 @@ def measure(
         matmul().block_until_ready()
         if rep > 0:
             times["matmul"].append(time.perf_counter() - t)
-    other_load = _other_load(cpu_start, time.perf_counter() - wall_start)
+    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
     peak_gflops = 2 * matmul_size**3 / min(times["matmul"]) / 1e9
 
     timed = {}

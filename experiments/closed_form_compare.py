@@ -207,6 +207,18 @@ def summarise(results: dict) -> str:
         lines.append("")
         lines.append(reach_sentence(data, r))
         lines.append("")
+        grid = "; ".join(
+            f"{m}: "
+            + ", ".join(
+                f"{lr:g} -> {loss:.3g}"
+                for lr, loss in zip(r[m]["lrs"], r[m]["final_train_loss_by_lr"], strict=True)
+            )
+            for m in BASELINES
+        )
+        lines += [
+            f"Learning-rate grids (lr -> final train loss, mean of seeds; inf: diverged): {grid}.",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from altlearn.plotting import plot_comparison
-from altlearn.train import Experiment
+from altlearn.train import Experiment, configure_jax
 
 
 def load_get_config(path: str):
@@ -52,6 +52,10 @@ def forward_passes(config) -> str:
         return f"{m}J"
     if rule.name == "weight_perturbation":
         return f"1 + {m}"
+    if rule.name == "closed_form":  # plus one output solve + forward pass per line-search trial
+        return "normal equations + 2 solves"
+    if rule.name != "node_perturbation":
+        return "?"
     noisy = layers if rule.variant == "inp" else 1
     if rule.mode == "jvp":
         return f"1 + {m * noisy}J"
@@ -67,6 +71,11 @@ def forward_pass_count(config, num_outputs: int) -> float:
         return 1 + 2 * rule.particles_per_neuron * (sum(config.model.widths) + num_outputs)
     if rule.name == "pso":
         return 1 + 2 * rule.population_size
+    if rule.name == "closed_form":
+        raise ValueError(
+            "closed_form's step is a pair of least-squares solves, not a number of forward "
+            "passes; compare it with --budget_seconds or --steps."
+        )
     total = 0.0
     for term in forward_passes(config).split(" + "):
         count = term.rstrip("BJ")
@@ -185,8 +194,10 @@ def main(argv: list[str]) -> None:
         for method in _METHODS.value:
             variant = f"method={method},data={data}" + (f",{_EXTRA.value}" if _EXTRA.value else "")
             config = get_config(variant)
+            configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
             if _STEPS.value:
                 config.steps = _STEPS.value
+                config.eval_every = min(config.eval_every, config.steps)
             if _BUDGET_PASSES.value or _BUDGET_SECONDS.value:
                 steps = budget_steps(
                     config, _SEEDS.value, _BUDGET_PASSES.value, _BUDGET_SECONDS.value

@@ -69,6 +69,7 @@ from altlearn.rules.closed_form import (
     hidden_normal_equations,
     hidden_solve,
     output_solve,
+    sample_chunk_size,
     solve_dtype,
 )
 from experiments.bench import cpu_seconds, machine_facts, other_load_cores, write_json
@@ -96,10 +97,8 @@ def make_problem(
 
 
 def rule_chunk_size(n: int, h: int, d: int, chunk_size: int, memory_budget_mb: int) -> int:
-    """The samples per accumulation chunk the rule uses (mirrors closed_form's check_sizes)."""
-    if chunk_size:
-        return min(int(chunk_size), n)
-    return min(max(1, int(memory_budget_mb * 2**20 // (h * (d + 1) * 8))), n)
+    """The samples per accumulation chunk the rule uses on a batch of ``n`` (float64)."""
+    return min(sample_chunk_size(h, d + 1, 8, chunk_size, memory_budget_mb), n)
 
 
 def float64_peak(size: int, repeats: int) -> dict[str, Any] | None:

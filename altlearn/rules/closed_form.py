@@ -122,6 +122,16 @@ def pattern(pre: jax.Array, alpha: Any) -> jax.Array:
     return jnp.where(pre > 0, jnp.ones((), pre.dtype), jnp.asarray(alpha, pre.dtype))
 
 
+def sample_chunk_size(
+    h: int, d1: int, itemsize: int, chunk_size: int, memory_budget_mb: int
+) -> int:
+    """Samples per accumulation chunk: ``chunk_size``, or the most whose slice of U
+    (chunk x h(d+1)) fits in ``memory_budget_mb``."""
+    if chunk_size:
+        return int(chunk_size)
+    return max(1, int(memory_budget_mb * 2**20 // (h * d1 * itemsize)))
+
+
 def hidden_normal_equations(
     xb: jax.Array,
     s: jax.Array,
@@ -236,9 +246,7 @@ def closed_form(
                 f"{8 * memory_budget_mb} MB. Use a narrower hidden layer, fewer input features, "
                 f"or raise rule.memory_budget_mb."
             )
-        if chunk_size:
-            return int(chunk_size)
-        return max(1, int(memory_budget_mb * 2**20 // (h * d1 * itemsize)))
+        return sample_chunk_size(h, d1, itemsize, chunk_size, memory_budget_mb)
 
     def init(key: jax.Array, variables: Variables) -> ClosedFormState:
         del key
@@ -272,14 +280,15 @@ def closed_form(
             pre = xb @ w.T
             return pre * pattern(pre, alpha), pre
 
-        def fit(w):
-            h_w, pre = features(w)
+        def fit(w, h_w=None, pre=None):
+            if h_w is None:
+                h_w, pre = features(w)
             out = output_solve(h_w, targets, ridge)
             return square_loss(with_bias(h_w) @ out, targets), out, pre
 
-        h0, _ = features(hidden)
+        h0, pre_h0 = features(hidden)
         loss_before = square_loss(with_bias(h0) @ output, targets)
-        loss0, output0, pre0 = fit(hidden)
+        loss0, output0, pre0 = fit(hidden, h0, pre_h0)
         v, c = output0[:-1], output0[-1]
         a, b = hidden_normal_equations(xb, pattern(pre0, alpha), targets - c, v, chunk)
         proposal = hidden_solve(a, b, hidden, ridge)
@@ -353,5 +362,6 @@ __all__ = [
     "hidden_normal_equations",
     "hidden_solve",
     "output_solve",
+    "sample_chunk_size",
     "solve_dtype",
 ]

@@ -56,7 +56,12 @@ from altlearn import rules
 from altlearn.config import base_config
 from altlearn.rules.base import RuleSpec
 from altlearn.rules.evolution import evolution
-from altlearn.rules.population import activation_bytes, chunk_size_for, evaluate_population
+from altlearn.rules.population import (
+    activation_bytes,
+    chunk_size_for,
+    evaluate_population,
+    rng_mode,
+)
 from altlearn.train import Experiment
 from experiments.bench import (
     HandMLP,
@@ -82,12 +87,17 @@ class RawState(NamedTuple):
 
 
 def evolution_config(
-    population_size: int, memory_budget_mb: int = 0, widths: Sequence[int] = (256, 256)
+    population_size: int,
+    memory_budget_mb: int = 0,
+    widths: Sequence[int] = (256, 256),
+    batch_size: int = BATCH,
+    rng_partitionable: str = "auto",
 ) -> ml_collections.ConfigDict:
-    """Open_ES on mnist1d, MLP 40-widths-10, batch 128 (the rule must be registered)."""
+    """Open_ES on mnist1d, MLP 40-widths-10 (the rule must be registered)."""
     config = base_config(rule="evolution", model="mlp", data="mnist1d")
     config.model.widths = tuple(widths)
-    config.batch_size = BATCH
+    config.batch_size = batch_size
+    config.rule.rng_partitionable = rng_partitionable
     config.rule.strategy = "Open_ES"
     config.rule.population_size = population_size
     config.rule.strategy_params = {"std_init": STD}
@@ -118,13 +128,23 @@ def make_raw_loop(
         logits = module.apply({"params": member}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    mode = experiment.config.rule.rng_partitionable  # draw as the rule does: same work
+
     def init(key: jax.Array) -> RawState:
+        with rng_mode(mode):
+            return _init(key)
+
+    def train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
+        with rng_mode(mode):
+            return _train_chunk(state, num_generations)
+
+    def _init(key: jax.Array) -> RawState:
         key_model, key_es, key_data = jax.random.split(key, 3)
         params = module.init(key_model, x_train[:1])["params"]
         es_state = es.init(key_es, params, es.default_params)
         return RawState(jnp.zeros((), jnp.int32), key_data, es_state)
 
-    def train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
+    def _train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
         first_epoch, offset = jnp.divmod(state.step, spe)
         epochs = first_epoch + jnp.arange(num_generations // spe + 2)
         perms = jax.vmap(
@@ -199,6 +219,7 @@ def measure(
     memory_budget_mb: int = 32,
     widths: Sequence[int] = (256, 256),
     matmul_size: int = 2048,
+    batches: Sequence[int] = (128, 512, 2048),
 ) -> dict[str, Any]:
     """Runs parts 1-3; returns every number as a JSON-able dict. The rule must be registered.
 
@@ -260,6 +281,41 @@ def measure(
                     generations,
                 )
 
+    # The threefry mode: altlearn and the raw loop again in JAX's default mode on CPU
+    # (partitionable, "on"), which a raw evosax loop gets unless its user changes it.
+    po, gens = overhead_population, chunk_generations
+    experiment = Experiment(evolution_config(po, 0, widths, BATCH, "on"))
+    state = experiment.init(key)
+    add(f"altlearn/P={po}/rng=on", lambda s, e=experiment: e.train_steps(s, gens), state, gens)
+    raw_init, raw_chunk = make_raw_loop(experiment, po)
+    add(f"raw/P={po}/rng=on", lambda s, f=raw_chunk: f(s, gens), raw_init(key), gens)
+
+    # Larger batches at the overhead population: the forward FLOPs grow with the batch, the
+    # sampling and the update do not.
+    by_batch: dict[int, dict[str, Any]] = {}
+    for b in batches:
+        if b == BATCH:
+            continue
+        experiment = Experiment(evolution_config(po, 0, widths, b))
+        state = experiment.init(key)
+        batch = (experiment.x_train[:b], experiment.y_train[:b])
+        step = jax.jit(experiment.train_step).lower(state, batch).compile()
+        num_params = per_population[po]["num_params"]
+        by_batch[b] = {
+            "batch_size": b,
+            "flops_xla": compiled_flops(step),
+            "flops_analytic": 2.0 * b * num_params * (po + 1),
+        }
+        g = max(1, chunk_generations * BATCH // b)
+        add(f"altlearn/P={po}/B={b}", lambda s, e=experiment, g=g: e.train_steps(s, g), state, g)
+        population = population_around(state.variables["params"], po)
+        add(
+            f"evaluation/P={po}/B={b}",
+            lambda pop, e=experiment, g=g: evaluation_chunk(e, pop, g),
+            population,
+            g,
+        )
+
     matmul = make_matmul(matmul_size)
     times: dict[str, list[float]] = {name: [] for name in (*chunks, "matmul")}
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
@@ -301,10 +357,31 @@ def measure(
         budgeted = timed.get(f"altlearn/P={p}/budget={memory_budget_mb}MB")
         if budgeted is not None:
             entry["generations_per_s_budgeted"] = budgeted["generations_per_s"]
-    ratio = (
-        timed[f"altlearn/P={overhead_population}"]["median_generation_s"]
-        / timed[f"raw/P={overhead_population}"]["median_generation_s"]
-    )
+    for b, entry in by_batch.items():
+        flops = entry["flops_xla"] or entry["flops_analytic"]
+        gen_s = timed[f"altlearn/P={po}/B={b}"]["median_generation_s"]
+        evaluation_s = timed[f"evaluation/P={po}/B={b}"]["median_generation_s"]
+        entry["generations_per_s"] = 1.0 / gen_s
+        entry["gflops"] = flops / gen_s / 1e9
+        entry["fraction_of_peak"] = entry["gflops"] / peak_gflops
+        entry["evaluation_s"] = evaluation_s
+        entry["evaluation_share"] = evaluation_s / gen_s
+        entry["evaluation_fraction_of_peak"] = (
+            2.0 * b * per_population[po]["num_params"] * po / evaluation_s / 1e9 / peak_gflops
+        )
+    by_batch[BATCH] = {"batch_size": BATCH, **per_population[po]}
+    median = lambda name: timed[name]["median_generation_s"]
+    ratio = median(f"altlearn/P={po}") / median(f"raw/P={po}")
+    rng = {
+        "altlearn_rng_on_s": median(f"altlearn/P={po}/rng=on"),
+        "raw_rng_on_s": median(f"raw/P={po}/rng=on"),
+        "ratio_altlearn_over_raw_rng_on": median(f"altlearn/P={po}/rng=on")
+        / median(f"raw/P={po}/rng=on"),
+        "speedup_classic_over_partitionable": median(f"altlearn/P={po}/rng=on")
+        / median(f"altlearn/P={po}"),
+        "ratio_altlearn_auto_over_raw_jax_default": median(f"altlearn/P={po}")
+        / median(f"raw/P={po}/rng=on"),
+    }
     fractions = [per_population[p]["fraction_of_peak"] for p in populations]
     return {
         "overhead": {
@@ -314,7 +391,9 @@ def measure(
             "ratio_altlearn_over_raw": ratio,
             "target_ratio": OVERHEAD_TARGET,
             "target_met": bool(ratio <= OVERHEAD_TARGET),
+            **rng,
         },
+        "by_batch": [by_batch[b] for b in sorted(by_batch)],
         "populations": [per_population[p] for p in populations],
         "peak_fraction_target": PEAK_FRACTION_TARGET,
         "peak_target_met": {
@@ -365,6 +444,13 @@ def markdown_tables(result: dict[str, Any]) -> str:
         f"ratio altlearn/raw: **{o['ratio_altlearn_over_raw']:.3f}** "
         f"(target <= {o['target_ratio']:.2f}: {verdict})",
         "",
+        f"Same loops in JAX's default threefry mode on CPU (partitionable): altlearn "
+        f"{1e3 * o['altlearn_rng_on_s']:.2f} ms, raw {1e3 * o['raw_rng_on_s']:.2f} ms per "
+        f"generation (ratio {o['ratio_altlearn_over_raw_rng_on']:.3f}); the classic mode "
+        f"(rule.rng_partitionable=auto on CPU) is {o['speedup_classic_over_partitionable']:.2f}x "
+        f"faster; altlearn (auto) / raw evosax with JAX defaults: "
+        f"**{o['ratio_altlearn_auto_over_raw_jax_default']:.3f}**",
+        "",
         f"**Throughput** (float32 matmul peak {result['matmul_peak']['gflops']:.1f} GFLOP/s, "
         f"fastest {result['matmul_peak']['n']}^2 matmul of the rounds)",
         "",
@@ -380,6 +466,20 @@ def markdown_tables(result: dict[str, Any]) -> str:
             f"{r['flops_analytic'] / 1e9:.2f} | {r['gflops']:.1f} | "
             f"{100 * r['fraction_of_peak']:.0f} | {1e3 * r['evaluation_s']:.1f} | "
             f"{100 * r['evaluation_fraction_of_peak']:.0f} | "
+            f"{100 * r['evaluation_share']:.0f}% |"
+        )
+    lines += [
+        "",
+        f"**Batch size** at P={o['population_size']}",
+        "",
+        "| batch | generations/s | GFLOP/s | % of peak | evaluation % of peak | "
+        "evaluation share of a generation |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["by_batch"]:
+        lines.append(
+            f"| {r['batch_size']} | {r['generations_per_s']:.1f} | {r['gflops']:.1f} | "
+            f"{100 * r['fraction_of_peak']:.0f} | {100 * r['evaluation_fraction_of_peak']:.0f} | "
             f"{100 * r['evaluation_share']:.0f}% |"
         )
     lines += [
@@ -424,6 +524,7 @@ def main(argv: list[str]) -> None:
         _BUDGET_MB.value,
         tuple(int(w) for w in _WIDTHS.value),
         _MATMUL_SIZE.value,
+        tuple(int(b) for b in _BATCHES.value),
     )
     result["command"] = " ".join(["python -m experiments.bench_evolution", *sys.argv[1:]])
     out = write_json(result, _OUT.value)
@@ -444,4 +545,7 @@ if __name__ == "__main__":
     _WIDTHS = flags.DEFINE_list("widths", ["256", "256"], "Hidden widths of the MLP.")
     _OUT = flags.DEFINE_string("out", "docs/bench/evolution.json", "Where the JSON goes.")
     _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the peak-FLOPs matmul.")
+    _BATCHES = flags.DEFINE_list(
+        "batches", ["128", "512", "2048"], "Batch sizes timed at the overhead population."
+    )
     app.run(main)

@@ -160,6 +160,30 @@ def test_sharded_evaluation_equals_unsharded(tiny, one_vmap, memory_budget_mb):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final, one_vmap)
 
 
+def test_rng_modes_auto_is_classic_threefry_on_cpu_and_sharding_never_changes_them(tiny):
+    """``rng_partitionable``: "auto" draws as "off" on CPU; "on" is another stream; in each
+    mode the sharded run equals the unsharded one."""
+    model, task, variables, batch = tiny
+    assert jax.default_backend() == "cpu"
+    finals = {}
+    for mode, shard in [("auto", False), ("off", False), ("on", False), ("on", True)]:
+        rule = evolution(
+            model, task, optax.adam(1e-2), rng_partitionable=mode, shard=shard, **LAYOUT_OPTIONS
+        )
+        finals[mode, shard] = jax.tree.leaves(_run(rule, variables, batch, 2)[0])
+    for a, b in zip(finals["auto", False], finals["off", False]):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(finals["on", False], finals["off", False]))
+    for a, b in zip(finals["on", True], finals["on", False]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_unknown_rng_mode_lists_the_valid_ones(tiny):
+    model, task, _, _ = tiny
+    with pytest.raises(ValueError, match="valid choices: auto, on, off, jax"):
+        evolution(model, task, optax.adam(1e-2), rng_partitionable="fast")
+
+
 def test_shard_needs_a_population_divisible_by_the_devices(tiny):
     model, task, _, _ = tiny
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):

@@ -17,8 +17,12 @@ included) as one call compiled ahead of time; compile time is reported apart. py
 ``repeats`` times and the median per iteration reported.
 
 Work per iteration differs, and the table says so: pyswarms scores the P particles; altlearn
-also re-scores the P personal bests and the global best on each batch (RULES.md section 3's
-decision), 2P + 1 forward passes.
+by default also re-scores the P personal bests and the global best on each batch (RULES.md
+section 3's decision), 2P + 1 forward passes; with ``rescore_bests=False`` (classic PSO, as
+pyswarms) it does P + 1 (the +1 is its ``loss`` metric of the incoming params), timed too. The
+float32 matmul peak (fastest 2048^2 matmul, timed in the same rounds) gives a floor: P forward
+passes at the peak, 2 * batch * num_params * P FLOPs; pyswarms' time over that floor bounds the
+ratio any implementation of the same P passes could reach on this machine.
 
 The last rows compare ``neuron_pso`` (16 particles per neuron, Jacobi) with ``pso`` given as
 many particles as ``neuron_pso`` evaluates candidates per step, so both do the same number of
@@ -43,6 +47,7 @@ from absl import app, flags
 from altlearn.config import base_config
 from altlearn.rules.swarm import neurons_of
 from altlearn.train import Experiment
+from experiments.bench import make_matmul
 
 _DATA = flags.DEFINE_string("data", "digits", "Dataset.")
 _WIDTHS = flags.DEFINE_list("widths", ["32"], "Hidden widths of the MLP.")
@@ -158,6 +163,23 @@ class PyswarmsRun:
             return (time.perf_counter() - t) / _PYSWARMS_CHUNK.value
 
 
+class MatmulRun:
+    """The float32 matmul peak, timed in the same rounds (the fastest call is the peak)."""
+
+    def __init__(self, n: int = 2048):
+        self.n, self.fn, self.times = n, make_matmul(n), []
+        self.fn().block_until_ready()
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.fn().block_until_ready()
+        self.times.append(time.perf_counter() - t)
+        return self.times[-1]
+
+    def peak_gflops(self) -> float:
+        return 2 * self.n**3 / min(self.times) / 1e9
+
+
 def median_times(runs: dict, repeats: int) -> dict[str, float]:
     times = {name: [] for name in runs}
     for _ in range(repeats):
@@ -182,21 +204,41 @@ def main(argv: list[str]) -> None:
         first = AltlearnRun(make_config("pso", batch, population_size=population))
         runs = {
             "altlearn pso": first,
+            "altlearn pso, no re-scoring": AltlearnRun(
+                make_config("pso", batch, population_size=population, rescore_bests=False)
+            ),
             "pyswarms": PyswarmsRun(first.experiment, batch, None),
             "pyswarms, 1 BLAS thread": PyswarmsRun(first.experiment, batch, 1),
+            "matmul": MatmulRun(),
         }
         times = median_times(runs, _REPEATS.value)
         baseline = min(times["pyswarms"], times["pyswarms, 1 BLAS thread"])
         ratio = baseline / times["altlearn pso"]
+        ratio_plain = baseline / times["altlearn pso, no re-scoring"]
+        # The FLOP floor: P forward passes at the fastest matmul rate of the rounds.
+        peak = runs["matmul"].peak_gflops()
+        num_params = sum(
+            int(np.size(a))
+            for a in jax.tree.leaves(
+                first.experiment.model.init(jax.random.PRNGKey(0), first.experiment.x_train[:1])
+            )
+        )
+        floor_s = 2.0 * batch * num_params * population / (peak * 1e9)
         results[label] = {
             "batch_size": batch,
             "altlearn_ms": 1e3 * times["altlearn pso"],
+            "altlearn_no_rescore_ms": 1e3 * times["altlearn pso, no re-scoring"],
             "pyswarms_ms": 1e3 * times["pyswarms"],
             "pyswarms_1_blas_thread_ms": 1e3 * times["pyswarms, 1 BLAS thread"],
             "ratio_pyswarms_over_altlearn": ratio,  # against the faster pyswarms setting
+            "ratio_pyswarms_over_altlearn_no_rescore": ratio_plain,
+            "matmul_peak_gflops": peak,
+            "forward_flops_floor_ms": 1e3 * floor_s,  # P passes at the peak
+            "ratio_bound_at_peak": baseline / floor_s,
             "altlearn_compile_s": first.compile_s,
             "forward_passes_per_iteration": {
                 "altlearn": 2 * population + 1,
+                "altlearn_no_rescore": population + 1,
                 "pyswarms": population,
             },
         }
@@ -204,7 +246,8 @@ def main(argv: list[str]) -> None:
             f"| {label} ({batch}) | {1e3 * times['pyswarms']:.2f} | "
             f"{1e3 * times['pyswarms, 1 BLAS thread']:.2f} | "
             f"{1e3 * times['altlearn pso']:.2f} | {ratio:.1f}x | "
-            f"{ratio * (2 * population + 1) / population:.1f}x | {first.compile_s:.1f} |"
+            f"{1e3 * times['altlearn pso, no re-scoring']:.2f} | {ratio_plain:.1f}x | "
+            f"{1e3 * floor_s:.2f} | {baseline / floor_s:.1f}x | {first.compile_s:.1f} |"
         )
 
     neuron_rows = []
@@ -278,9 +321,11 @@ def main(argv: list[str]) -> None:
     Path(_OUT.value).write_text(json.dumps(out, indent=1) + "\n")
     print(f"PSO, {model}, {_DATA.value}, {population} particles, ms per iteration:\n")
     print(
-        "| batch | pyswarms (ms) | pyswarms, 1 BLAS thread (ms) | altlearn (ms) | "
-        "faster pyswarms / altlearn | same, per forward pass | altlearn compile (s) |\n"
-        "|---|---|---|---|---|---|---|"
+        "| batch | pyswarms (ms) | pyswarms, 1 BLAS thread (ms) | altlearn, re-scored bests "
+        "(ms) | faster pyswarms / altlearn | altlearn, rescore_bests=False (ms) | faster "
+        "pyswarms / that | P forward passes at the matmul peak (ms) | pyswarms / that floor | "
+        "altlearn compile (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
     if neuron_rows:

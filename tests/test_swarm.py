@@ -115,7 +115,7 @@ def _reference_neuron_pso_step(model, variables, state, batch, key, coef, order)
                 as_fitness(jnp.stack([loss(theta) for theta in thetas[j]]))
                 for thetas in (swarm.position, swarm.pbest)
             ]
-            s = Swarm(*(leaf[j] for leaf in swarm))
+            s = jax.tree.map(lambda leaf, j=j: leaf[j], swarm)
             s, best, fit = update_swarm(r[:, j], s, rows[j], *fitness, best_fitness, coef)
             out.append(s)
             rows = rows.at[j].set(best)
@@ -353,3 +353,30 @@ def test_jit_and_vmap_over_seeds_and_inertia(rule_fn):
     ]
     assert not np.allclose(positions[0], positions[1]), "inertia must matter"
     assert not np.allclose(positions[1], positions[2]), "seeds must give different runs"
+
+
+def test_pso_without_rescoring_is_the_same_run_on_a_full_batch_only():
+    """``rescore_bests=False`` keeps each best's fitness from when it was found: on one fixed
+    batch that is exactly the re-scored run at half the evaluations; on changing batches the
+    two runs part (the option is not a no-op)."""
+    model = models.mlp((6,), 3, widths=(8,))
+    variables, (x, y) = _problem(model, batch=64)
+    halves = [(x[:32], y[:32]), (x[32:], y[32:])]
+
+    def run(rescore, batches):
+        rule = pso(model, TASK, None, 16, velocity_clamp=0.1, rescore_bests=rescore)
+        v, state = variables, rule.init(jax.random.PRNGKey(1), variables)
+        step = jax.jit(rule.step)
+        for i in range(8):
+            v, state, metrics = step(jax.random.PRNGKey(i), v, state, batches[i % len(batches)])
+        return v, state, metrics
+
+    (v1, s1, m1), (v0, s0, m0) = run(True, [(x, y)]), run(False, [(x, y)])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), v1, v0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s1, s0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), m1, m0)
+    assert float(s0.best_fitness) == pytest.approx(
+        float(_full_loss(model, v0, v0["params"], (x, y)))
+    )
+    (w1, _, _), (w0, _, _) = run(True, halves), run(False, halves)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w0)))

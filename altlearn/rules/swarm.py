@@ -17,7 +17,11 @@ with that neuron replaced by the particle and every other neuron at its swarm be
 Minibatches: personal and swarm bests are re-scored on each new batch before they are compared
 with the particles (RULES.md section 3, Decision; applied to ``pso`` too so that the two are
 compared fairly). A best found on one lucky batch would otherwise never be displaced. It costs
-a second population evaluation per step (positions and personal bests).
+a second population evaluation per step (positions and personal bests). ``pso`` can skip it
+(``rescore_bests=False``, classic PSO as pyswarms runs it: a best keeps the fitness it was found
+with): on a full batch that is the same run at half the cost, since a best's loss on the one
+batch does not change. ``neuron_pso`` always re-scores: its fitness depends on the other
+neurons' bests, which change every step, so even on a full batch a stored fitness goes stale.
 
 NaN fitness counts as +inf (``metrics['nan_fitness']`` counts them), so it never becomes a best.
 Every evaluation is noise-free: on a model with ``intrinsic_noise`` the swarms see the clean
@@ -55,6 +59,7 @@ from altlearn.rules.population import (
 )
 
 UPDATE_ORDERS = ("jacobi", "gauss_seidel")
+PARTICLES = ("position", "velocity", "pbest")  # the Swarm fields with a particle axis
 
 
 class Swarm(NamedTuple):
@@ -63,6 +68,10 @@ class Swarm(NamedTuple):
     position: Any
     velocity: Any
     pbest: Any  # personal bests
+    # The bests' fitness when they were found, kept only by swarms that can skip re-scoring
+    # (``pso``'s ``rescore_bests=False``); None otherwise.
+    pbest_fitness: Any = None  # [P]
+    best_fitness: Any = None  # [], the swarm best's
 
 
 class Coefficients(NamedTuple):
@@ -159,7 +168,10 @@ def update_swarm(
 
     v = jax.tree.map(velocity, swarm.velocity, swarm.position, pbest, best, r)
     x = jax.tree.map(jnp.add, swarm.position, v)
-    return Swarm(x, v, pbest), best, best_fitness
+    new = Swarm(x, v, pbest)
+    if swarm.pbest_fitness is not None:  # the swarm keeps its bests' fitness
+        new = new._replace(pbest_fitness=pbest_fitness, best_fitness=best_fitness)
+    return new, best, best_fitness
 
 
 def _count_nan(*losses: jax.Array) -> jax.Array:
@@ -198,13 +210,17 @@ def pso(
     velocity_clamp: Any = 0.0,
     shard: bool = False,
     memory_budget_mb: int = 0,
+    rescore_bests: bool = True,
 ) -> LearningRule:
     """Whole-network PSO: ``population_size`` particles, each a full parameter pytree.
 
     Each step scores the particles and the personal bests on the batch (one vmapped evaluation
     each, in chunks under ``memory_budget_mb``, sharded over the devices with ``shard``), and
     the global best, which is the reported ``variables['params']``; then applies the update of
-    the module docstring. The state is the ``Swarm``; the global best lives in the variables.
+    the module docstring. The state is the ``Swarm`` with its bests' fitness; the global best
+    lives in the variables. ``rescore_bests=False`` compares the particles with the fitness
+    their bests were found with instead of re-scoring them (P forward passes per step instead
+    of 2P + 1 evaluations; the same run on a full batch; module docstring).
 
     Metrics: ``loss`` (incoming params on this batch), ``fitness_best`` (the new global best on
     this batch), ``fitness_mean`` (mean over the particles with finite fitness),
@@ -215,15 +231,22 @@ def pso(
     sharding = population_sharding(population_size) if shard else None
     coef = Coefficients(inertia, cognitive, social, velocity_clamp)
 
-    def constrain(tree: Any) -> Any:
+    def constrain(swarm: Swarm) -> Swarm:
+        """The particle axis of positions, velocities and bests sharded over the devices."""
         if sharding is None:
-            return tree
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
+            return swarm
+        put = lambda a: jax.lax.with_sharding_constraint(a, sharding)
+        return swarm._replace(**{f: jax.tree.map(put, swarm._asdict()[f]) for f in PARTICLES})
 
     def init(key: jax.Array, variables: Variables) -> Swarm:
         params = variables["params"]
         noise = random_like(jax.random.normal, key, params, (population_size,))
-        return constrain(init_swarm(params, noise, init_scale))
+        dtype = jnp.result_type(*jax.tree.leaves(params))  # the losses' (strong) dtype
+        swarm = init_swarm(params, noise, init_scale)._replace(  # not found yet: +inf
+            pbest_fitness=jnp.full((population_size,), jnp.inf, dtype),
+            best_fitness=jnp.full((), jnp.inf, dtype),
+        )
+        return constrain(swarm)
 
     def step(
         key: jax.Array, variables: Variables, state: Swarm, batch: Batch
@@ -239,18 +262,18 @@ def pso(
             sharding,
         )
         losses = evaluate_population(loss_of, state.position, chunk, sharding)  # [P]
-        pbest_losses = evaluate_population(loss_of, state.pbest, chunk, sharding)  # [P]
         loss = loss_of(variables["params"])
+        if rescore_bests:
+            pbest_losses = evaluate_population(loss_of, state.pbest, chunk, sharding)  # [P]
+            pbest_fitness, incumbent = as_fitness(pbest_losses), as_fitness(loss)
+        else:  # the fitness the bests were found with; the initial params': this batch's
+            pbest_losses = pbest_fitness = state.pbest_fitness
+            found = jnp.isfinite(state.best_fitness)
+            incumbent = jnp.where(found, state.best_fitness, as_fitness(loss))
         fitness = as_fitness(losses)
         r = random_like(uniform_fast, key, variables["params"], (2, population_size))
         swarm, best, best_fitness = update_swarm(
-            r,
-            state,
-            variables["params"],
-            fitness,
-            as_fitness(pbest_losses),
-            as_fitness(loss),
-            coef,
+            r, state, variables["params"], fitness, pbest_fitness, incumbent, coef
         )
         finite = jnp.isfinite(fitness)
         metrics = {

@@ -54,13 +54,12 @@ from jax.flatten_util import ravel_pytree
 
 from altlearn import rules
 from altlearn.config import base_config
-from altlearn.rules.base import RuleSpec
+from altlearn.rules.base import RuleSpec, rng_mode
 from altlearn.rules.evolution import evolution
 from altlearn.rules.population import (
     activation_bytes,
     chunk_size_for,
     evaluate_population,
-    rng_mode,
 )
 from altlearn.train import Experiment
 from experiments.bench import (

@@ -28,8 +28,11 @@ from experiments.configs import np_family
 
 
 def method_config(name: str, data: str, scale: str):
-    method, *mods = name.split("/")
-    extra = "".join(",mode=jvp" if m == "jvp" else f",every={m[len('every') :]}" for m in mods)
+    method, *mods = name.split("/")  # np/jvp, danp/every16, np/rng=on (any variant key=value)
+    extra = "".join(
+        ",mode=jvp" if m == "jvp" else f",{m}" if "=" in m else f",every={m[len('every') :]}"
+        for m in mods
+    )
     return np_family.get_config(f"method={method},data={data},scale={scale}{extra}")
 
 
@@ -133,8 +136,12 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
             "danp/every16",
             "fg",
             "wp",
+            "np/rng=on",
+            "fg/rng=on",
+            "wp/rng=on",
         ],
-        "method[/jvp][/everyK] names of experiments/configs/np_family.py.",
+        "method[/jvp][/everyK][/key=value] names of experiments/configs/np_family.py "
+        "(rng=on: the noise drawn by JAX's partitionable threefry instead of the classic one).",
     )
     _OUT = flags.DEFINE_string("out", "docs/bench/rules.json", "JSON output path.")
     app.run(main)

@@ -189,6 +189,7 @@ def test_activity_based_np_learns_in_a_noisy_system_where_np_fails():
         ({"variant": "xnp"}, "valid choices: np, anp, inp"),
         ({"mode": "spsa"}, "valid choices: finite_difference, jvp"),
         ({"num_noise_samples": 0}, "num_noise_samples must be >= 1"),
+        ({"rng_partitionable": "fast"}, "valid choices: auto, on, off, jax"),
     ],
 )
 def test_bad_options_are_clear_errors(small_net, options, match):
@@ -201,3 +202,20 @@ def test_node_perturbation_refuses_a_forward_only_model():
     model = models.make_model("resnet", (8, 1), 2)
     with pytest.raises(ValueError, match="needs a layered model"):
         rules.make_rule("node_perturbation", model, TASK, optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("rule", ["node_perturbation", "weight_perturbation", "forward_gradient"])
+def test_noise_is_drawn_in_the_configured_threefry_mode(small_net, rule):
+    """``rng_partitionable``: "auto" is the classic threefry on CPU (bit-identical estimates to
+    "off"); "on" draws another noise stream; both stay unbiased-shaped estimates."""
+    model, variables, batch, true = small_net
+    key = jax.random.PRNGKey(5)
+    est = {}
+    for mode in ("auto", "off", "on"):
+        r = rules.make_rule(rule, model, TASK, optax.sgd(0.1), rng_partitionable=mode)
+        est[mode] = _flat(jax.jit(r.estimate)(key, variables, batch)[0])
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_array_equal(est["auto"], est["off"])
+    assert not np.allclose(est["on"], est["off"])
+    for mode in ("off", "on"):  # one sample of each still points along the gradient
+        assert float(jnp.vdot(est[mode], _flat(true))) > 0

@@ -66,13 +66,20 @@ from jax.flatten_util import ravel_pytree
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import Batch, LearningRule, Metrics, Variables, check_positive
+from altlearn.rules.base import (
+    Batch,
+    LearningRule,
+    Metrics,
+    Variables,
+    check_count,
+    check_positive,
+    with_rng_mode,
+)
 from altlearn.rules.population import (
     activation_bytes,
     chunk_size_for,
     evaluate_population,
     population_sharding,
-    rng_mode,
 )
 
 STRATEGIES: dict[str, type] = dict(sorted(EVOSAX_ALGORITHMS.items(), key=lambda kv: kv[0].lower()))
@@ -246,16 +253,14 @@ def evolution(
     means) around the initial params. ``population_size`` is per sub-population for SV_*.
     ``optimizer`` is handed to strategies whose constructor takes one (None: evosax's default).
     ``rng_partitionable``: the threefry mode of every draw in ``init`` and ``step``
-    (``population.rng_mode``; ``"auto"`` uses the classic, 3x faster, mode on CPU).
+    (``base.rng_mode``; ``"auto"`` uses the classic, 3x faster, mode on CPU).
     """
     kwargs = dict(strategy_kwargs or {})
     params_in = dict(strategy_params or {})
     cls, std_schedule = _check_strategy_options(strategy, kwargs, params_in)
     population_size = int(population_size)
-    if population_size < 1:
-        raise ValueError(f"population_size must be >= 1, got {population_size}.")
+    check_count("population_size", population_size)
     check_positive("init_scale", init_scale)
-    rng_mode(rng_partitionable)  # validates the setting
     if "std_init" in params_in:
         check_positive("strategy_params.std_init", params_in["std_init"])
     if std_schedule and "std_init" in params_in:
@@ -292,16 +297,6 @@ def evolution(
         return jax.vmap(unravel)(flat + init_scale * noise)
 
     def init(key: jax.Array, variables: Variables) -> EvolutionState:
-        with rng_mode(rng_partitionable):
-            return _init(key, variables)
-
-    def step(
-        key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
-    ) -> tuple[Variables, EvolutionState, Metrics]:
-        with rng_mode(rng_partitionable):
-            return _step(key, variables, state, batch)
-
-    def _init(key: jax.Array, variables: Variables) -> EvolutionState:
         params = variables["params"]
         es, es_params = build(params)
         key_init, key_population = jax.random.split(key)
@@ -313,7 +308,7 @@ def evolution(
         mean = around(key_population, params, num_means) if num_means else params
         return EvolutionState(_strong(es.init(key_init, mean, es_params)), None)
 
-    def _step(
+    def step(
         key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
     ) -> tuple[Variables, EvolutionState, Metrics]:
         x, y = batch
@@ -393,4 +388,4 @@ def evolution(
             metrics["strategy_nonfinite"] = (~healthy).astype(jnp.int32)
         return {**variables, "params": new_params}, new_state, metrics
 
-    return LearningRule(init, step)
+    return with_rng_mode(LearningRule(init, step), rng_partitionable)

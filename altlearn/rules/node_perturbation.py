@@ -44,8 +44,10 @@ from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
     batch_loss,
+    check_count,
     check_positive,
     gradient_rule,
+    with_rng_mode,
 )
 
 VARIANTS = ("np", "anp", "inp")
@@ -82,15 +84,19 @@ def node_perturbation(
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
+    rng_partitionable: str = "auto",
 ) -> LearningRule:
-    """Node perturbation (``variant`` np, anp or inp) in ``mode`` finite_difference or jvp."""
+    """Node perturbation (``variant`` np, anp or inp) in ``mode`` finite_difference or jvp.
+
+    ``rng_partitionable``: the threefry mode of the noise (``base.rng_mode``; ``"auto"``: the
+    classic mode on CPU, where it draws normals 3x faster; the same for the two rules below).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}.")
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; valid choices: {', '.join(MODES)}.")
     check_positive("sigma", sigma)
-    if int(num_noise_samples) < 1:
-        raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}.")
+    check_count("num_noise_samples", num_noise_samples)
 
     def estimate(key, variables, batch):
         x, y = batch
@@ -146,7 +152,8 @@ def node_perturbation(
         grads = _layer_local_grads(model, variables["params"], clean.inputs, errors)
         return grads, EstimateAux(jnp.mean(loss_clean), clean.inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return with_rng_mode(rule, rng_partitionable)
 
 
 def weight_perturbation(
@@ -157,14 +164,14 @@ def weight_perturbation(
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
+    rng_partitionable: str = "auto",
 ) -> LearningRule:
     """Weight perturbation: G = -(L(theta) - L(theta + eps)) eps / sigma^2, eps ~ N(0, sigma^2 I).
 
     The noise is shared by the whole batch (the weights are), so the batch-mean loss is used.
     """
     check_positive("sigma", sigma)
-    if int(num_noise_samples) < 1:
-        raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}.")
+    check_count("num_noise_samples", num_noise_samples)
 
     def estimate(key, variables, batch):
         x, y = batch
@@ -186,7 +193,8 @@ def weight_perturbation(
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         return grads, EstimateAux(loss_clean, inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return with_rng_mode(rule, rng_partitionable)
 
 
 def forward_gradient(
@@ -196,13 +204,13 @@ def forward_gradient(
     num_noise_samples: int = 1,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
+    rng_partitionable: str = "auto",
 ) -> LearningRule:
     """Forward gradient (Baydin et al. 2022): g = (dL/dtheta . v) v, v ~ N(0, I), by one jvp.
 
     Unbiased for the gradient of the batch loss; ``num_noise_samples`` tangents are averaged.
     """
-    if int(num_noise_samples) < 1:
-        raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}.")
+    check_count("num_noise_samples", num_noise_samples)
 
     def estimate(key, variables, batch):
         x, y = batch
@@ -224,4 +232,5 @@ def forward_gradient(
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         return grads, EstimateAux(loss, inputs)
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return with_rng_mode(rule, rng_partitionable)

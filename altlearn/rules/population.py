@@ -9,7 +9,6 @@ the population axis sharded over a device mesh.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -19,29 +18,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 POPULATION_AXIS = "population"
-RNG_PARTITIONABLE = ("auto", "on", "off", "jax")
-
-
-def rng_mode(setting: str) -> contextlib.AbstractContextManager:
-    """The threefry mode a population rule draws its samples in (``rule.rng_partitionable``).
-
-    JAX's partitionable threefry (``jax_threefry_partitionable``, on by default since JAX 0.5)
-    lets each device draw only its own shard of a sharded random array, but on XLA:CPU it draws
-    normals about 3x slower than the classic one (12.6 vs 4.2 ns each, measured; an Open_ES
-    generation on CPU is mostly its P x num_params normals). ``"auto"``: classic on the CPU
-    backend, JAX's setting elsewhere; ``"on"``/``"off"``: partitionable or classic everywhere;
-    ``"jax"``: JAX's global setting. The mode is fixed at trace time, so it holds for
-    everything the rule draws inside the compiled step. The two modes give different random
-    streams (each reproducible); neither depends on how the population is sharded, so a sharded
-    run equals the unsharded one in both.
-    """
-    if setting not in RNG_PARTITIONABLE:
-        raise ValueError(
-            f"Unknown rng_partitionable {setting!r}; valid choices: {', '.join(RNG_PARTITIONABLE)}."
-        )
-    if setting == "jax" or (setting == "auto" and jax.default_backend() != "cpu"):
-        return contextlib.nullcontext()
-    return jax.threefry_partitionable(setting == "on")
 
 
 def population_sharding(population_size: int) -> NamedSharding | None:

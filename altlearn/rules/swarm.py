@@ -50,7 +50,7 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import LayeredModel, Model, Trace
-from altlearn.rules.base import Batch, LearningRule, Metrics, Variables
+from altlearn.rules.base import Batch, LearningRule, Metrics, Variables, check_count
 from altlearn.rules.population import (
     activation_bytes,
     chunk_size_for,
@@ -188,11 +188,6 @@ def _chunk_size(size: int, bytes_per_member: Any, memory_budget_mb: float, shard
     return devices * chunk_size_for(size // devices, bytes_per_member(), memory_budget_mb)
 
 
-def _check_sizes(name: str, value: int) -> None:
-    if int(value) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}.")
-
-
 # ------------------------------------------------------------------------------------------
 # Whole-network PSO
 # ------------------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ def pso(
     ``nan_fitness`` (NaN losses among the particles and personal bests).
     """
     del optimizer  # PSO moves the parameters itself
-    _check_sizes("population_size", population_size)
+    check_count("population_size", population_size)
     sharding = population_sharding(population_size) if shard else None
     coef = Coefficients(inertia, cognitive, social, velocity_clamp)
 
@@ -453,7 +448,7 @@ def neuron_pso(
         raise ValueError(
             f"Unknown update_order {update_order!r}; valid choices: {', '.join(UPDATE_ORDERS)}."
         )
-    _check_sizes("particles_per_neuron", particles_per_neuron)
+    check_count("particles_per_neuron", particles_per_neuron)
     num_particles = particles_per_neuron
     jacobi = update_order == "jacobi"
     if not all(hasattr(layer.module, "features") for layer in model.layers):

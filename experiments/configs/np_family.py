@@ -9,6 +9,8 @@ perturbation, finite-difference form; add mode=jvp for the directional-derivativ
 fg (forward gradient), wp (weight perturbation). every=K updates the decorrelation matrices
 every K steps only (amortising their cost). noise=S makes the network a noisy system (intrinsic
 node noise of std S that no rule can read); sigma=X overrides the injected node noise.
+rng=on|off|auto|jax sets the threefry mode of the noise (rule.rng_partitionable; default auto:
+the classic mode on CPU; rng=on reproduces tables measured before that default, 2026-11-23).
 
 scale=cpu (default): MLP in-256-256-256-out, leaky ReLU 0.2, batch 128, 3000 steps, Adam 1e-3,
 sigma 1e-2, eta_R 1e-3; digits or mnist1d. About 10-60 s per run on 2 CPU cores (inp and dinp
@@ -46,6 +48,7 @@ def parse(arg: str | None) -> dict[str, str]:
         "every": "1",
         "noise": "0",
         "sigma": "",
+        "rng": "",
     }
     out = parse_keyed_variant(arg, out, METHODS)
     if out["scale"] not in ("cpu", "paper"):
@@ -85,4 +88,6 @@ def get_config(arg: str | None = None):
     config.model.intrinsic_noise = float(v["noise"])
     config.rule.decorrelation_rate = 1e-3
     config.rule.decorrelation_every = int(v["every"])
+    if v["rng"] and "rng_partitionable" in config.rule:  # the noise's threefry mode
+        config.rule.rng_partitionable = v["rng"]
     return config

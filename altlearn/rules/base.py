@@ -83,12 +83,11 @@ def rng_mode(setting: str) -> contextlib.AbstractContextManager:
     lets each device draw only its own shard of a sharded random array, but on XLA:CPU it draws
     normals about 3x slower than the classic one (12.6 vs 4.2 ns each, measured; an Open_ES
     generation on CPU is mostly its P x num_params normals, a forward-gradient step draws one
-    normal per parameter). ``"auto"``: classic on the CPU
-    backend, JAX's setting elsewhere; ``"on"``/``"off"``: partitionable or classic everywhere;
-    ``"jax"``: JAX's global setting. The mode is fixed at trace time, so it holds for
-    everything the rule draws inside the compiled step. The two modes give different random
-    streams (each reproducible); neither depends on how an array is sharded, so a sharded run
-    equals the unsharded one in both.
+    normal per parameter). ``"auto"``: classic on the CPU backend, JAX's setting elsewhere;
+    ``"on"``/``"off"``: partitionable or classic everywhere; ``"jax"``: JAX's global setting.
+    The mode is fixed at trace time, so it holds for everything the rule draws inside the
+    compiled step. The two modes give different random streams (each reproducible); neither
+    depends on how an array is sharded, so a sharded run equals the unsharded one in both.
     """
     if setting not in RNG_PARTITIONABLE:
         raise ValueError(

@@ -217,9 +217,10 @@ def pso(
     their bests were found with instead of re-scoring them (P forward passes per step instead
     of 2P + 1 evaluations; the same run on a full batch; module docstring).
 
-    Metrics: ``loss`` (incoming params on this batch), ``fitness_best`` (the new global best on
-    this batch), ``fitness_mean`` (mean over the particles with finite fitness),
-    ``nan_fitness`` (NaN losses among the particles and personal bests).
+    Metrics: ``loss`` (incoming params on this batch), ``fitness_best`` (the new global best's
+    fitness: on this batch, or with ``rescore_bests=False`` on the batch it was found on),
+    ``fitness_mean`` (mean over the particles with finite fitness), ``nan_fitness`` (NaN losses
+    among the particles and the re-scored personal bests).
     """
     del optimizer  # PSO moves the parameters itself
     check_count("population_size", population_size)

@@ -68,8 +68,9 @@ class Swarm(NamedTuple):
     position: Any
     velocity: Any
     pbest: Any  # personal bests
-    # The bests' fitness when they were found, kept only by swarms that can skip re-scoring
-    # (``pso``'s ``rescore_bests=False``); None otherwise.
+    # The bests' fitness when they were found: kept by ``pso`` (read only with
+    # ``rescore_bests=False``, written in both modes so the two runs' states compare); None
+    # for ``neuron_pso``, which always re-scores.
     pbest_fitness: Any = None  # [P]
     best_fitness: Any = None  # [], the swarm best's
 

@@ -98,9 +98,11 @@ class LayeredModel:
         intrinsic_noise: float = 0.0,
         activation: str | None = None,
         negative_slope: float | None = None,
+        input_shape: Sequence[int] | None = None,
     ):
         self.name = name
         self.layers = tuple(layers)
+        self.input_shape = None if input_shape is None else tuple(input_shape)  # per sample
         # The hidden activation's name (and leaky slope) where it is one for all layers: rules
         # that solve for a layer in closed form need to know the function, not just call it.
         self.activation = activation
@@ -121,25 +123,53 @@ class LayeredModel:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The key of each layer in ``variables['params']`` (and ``'decorrelation'``), in order.
+
+        Only this class builds these names; rules and evaluation read them from here.
+        """
+        return tuple(f"layer_{i}" for i in range(self.num_layers))
+
+    def named(self, values: Sequence[Any]) -> dict[str, Any]:
+        """``values`` (one per layer, in order) keyed by layer name."""
+        return dict(zip(self.layer_names, values))
+
     def init(self, key: jax.Array, x: jax.Array) -> Variables:
         """Initialises every layer on a sample batch ``x`` of shape [B, *input_shape]."""
         params, decor = {}, {}
         h = x
-        for i, (layer, k) in enumerate(zip(self.layers, jax.random.split(key, self.num_layers))):
+        keys = jax.random.split(key, self.num_layers)
+        for i, (name, k) in enumerate(zip(self.layer_names, keys)):
+            layer = self.layers[i]
             z = layer.pre(h) if layer.pre is not None else h
-            params[f"layer_{i}"] = layer.module.init(k, z)["params"]
+            params[name] = layer.module.init(k, z)["params"]
             if self.decorrelation:
-                decor[f"layer_{i}"] = jnp.eye(z.shape[-1], dtype=z.dtype)
-            a = layer.module.apply({"params": params[f"layer_{i}"]}, z)
-            h = layer.activation(a) if layer.activation is not None else a
+                decor[name] = jnp.eye(z.shape[-1], dtype=z.dtype)
+            h = self.activate(i, layer.module.apply({"params": params[name]}, z))
         variables = {"params": params}
         if self.decorrelation:
             variables["decorrelation"] = decor
         return variables
 
+    def layer_input(self, i: int, variables: Variables, h: jax.Array) -> jax.Array:
+        """z_i: the input of layer i made from the previous layer's output h_{i-1} (h_{-1} = x):
+        the parameter-free map (flatten, pooling), then the decorrelation z = R_i h."""
+        pre = self.layers[i].pre
+        z = pre(h) if pre is not None else h
+        decor = variables.get("decorrelation")
+        if decor is not None:
+            z = z @ decor[self.layer_names[i]].T  # z = R h for each sample
+        return z
+
     def layer_apply(self, i: int, layer_params: Any, z: jax.Array) -> jax.Array:
         """a_i = layer_i(params_i, z): the local map whose VJP gives a layer-local update."""
         return self.layers[i].module.apply({"params": layer_params}, z)
+
+    def activate(self, i: int, a: jax.Array) -> jax.Array:
+        """h_i = f_i(a_i) (the identity for the output layer)."""
+        f = self.layers[i].activation
+        return f(a) if f is not None else a
 
     def apply_layered(
         self,
@@ -161,22 +191,29 @@ class LayeredModel:
         keys = [None] * self.num_layers
         if key is not None and self.intrinsic_noise > 0:
             keys = list(jax.random.split(key, self.num_layers))
-        decor = variables.get("decorrelation")
         inputs, preacts = [], []
         h = x
-        for i, layer in enumerate(self.layers):
-            z = layer.pre(h) if layer.pre is not None else h
-            if decor is not None:
-                z = z @ decor[f"layer_{i}"].T  # z = R h for each sample
-            a = self.layer_apply(i, params[f"layer_{i}"], z)
+        for i, name in enumerate(self.layer_names):
+            z = self.layer_input(i, variables, h)
+            a = self.layer_apply(i, params[name], z)
             if noise is not None and noise[i] is not None:
                 a = a + noise[i]
             if keys[i] is not None:
                 a = a + self.intrinsic_noise * jax.random.normal(keys[i], a.shape, a.dtype)
             inputs.append(z)
             preacts.append(a)
-            h = layer.activation(a) if layer.activation is not None else a
+            h = self.activate(i, a)
         return h, Trace(tuple(inputs), tuple(preacts))
+
+    def forward_from(self, variables: Variables, layer: int, a: jax.Array) -> jax.Array:
+        """The network output given layer ``layer``'s pre-activation ``a`` [B, ...]: the rest of
+        ``apply_layered`` (noise-free), for rules that change one layer and evaluate only what
+        lies downstream of it."""
+        h = self.activate(layer, a)
+        for i in range(layer + 1, self.num_layers):
+            z = self.layer_input(i, variables, h)
+            h = self.activate(i, self.layer_apply(i, variables["params"][self.layer_names[i]], z))
+        return h
 
     def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
         return self.apply_layered(variables, x)[0]
@@ -258,7 +295,13 @@ def mlp(
         for i, w in enumerate(sizes)
     ]
     return LayeredModel(
-        "mlp", layers, decorrelation, intrinsic_noise, activation, float(negative_slope)
+        "mlp",
+        layers,
+        decorrelation,
+        intrinsic_noise,
+        activation,
+        float(negative_slope),
+        input_shape,
     )
 
 
@@ -289,7 +332,7 @@ def _conv_stack(
     for i, w in enumerate([*dense, num_outputs]):
         layers.append(Layer(_dense(w), f if i < len(dense) else None, pending))
         pending = None
-    return LayeredModel(name, layers, decorrelation, intrinsic_noise)
+    return LayeredModel(name, layers, decorrelation, intrinsic_noise, input_shape=input_shape)
 
 
 def cnn(

@@ -98,6 +98,9 @@ class Experiment:
             )
             if x.shape[0] > 0
         }
+        # The whole splits a rule declares (RuleSpec.splits), as device arrays; never the test.
+        x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
+        self.rule_data = {"train": (self.x_train, self.y_train), "val": (x_val, y_val)}
         self.default_hparams = config_lib.hparams(config)
         self._check_shapes()
         # Build once on concrete values: bad rule options fail here, before anything compiles.
@@ -128,7 +131,9 @@ class Experiment:
             self.config.optimizer.name, total_steps=int(self.config.steps), **opt
         )
         options = config_lib.section_with(self.config, "rule", hp)
-        return rules.make_rule(self.config.rule.name, self.model, self.task, optimizer, **options)
+        name = self.config.rule.name
+        data = {s: self.rule_data[s] for s in self.spec.splits}
+        return rules.make_rule(name, self.model, self.task, optimizer, data, **options)
 
     def full_hparams(self, hparams: dict[str, Any] | None) -> dict[str, jax.Array]:
         hp = dict(self.default_hparams)
@@ -211,25 +216,23 @@ class Experiment:
           layer's input (what decorrelation drives towards zero).
         """
         out = {}
-        x, y = self.x_train[: self.batch_size], self.y_train[: self.batch_size]
+        batch = (self.x_train[: self.batch_size], self.y_train[: self.batch_size])
         variables = state.variables
         rule = self.build_rule(state.hparams)
         if rule.estimate is not None:
             key = jax.random.fold_in(jax.random.split(state.key, 3)[2], state.step)
-            estimate, _ = rule.estimate(key, variables, (x, y))
-            true = jax.grad(
-                lambda p: jnp.mean(
-                    self.task.loss(self.model.apply({**variables, "params": p}, x), y)
-                )
-            )(variables["params"])
+            estimate, _, _ = rule.estimate(key, variables, state.rule_state, batch)
+            true = jax.grad(rules.params_loss(self.model, self.task, variables, batch))(
+                variables["params"]
+            )
             flat = lambda t: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(t)])
             out["grad_cosine"] = _cosine(flat(estimate), flat(true))
             for name in true:
                 out[f"grad_cosine/{name}"] = _cosine(flat(estimate[name]), flat(true[name]))
         if "decorrelation" in variables:
-            _, trace = self.model.apply_layered(variables, x)
-            for i, z in enumerate(trace.inputs):
-                out[f"input_correlation/layer_{i}"] = mean_offdiagonal_correlation(z)
+            _, inputs = rules.batch_loss(self.model, self.task, variables, batch)
+            for name, z in inputs.items():
+                out[f"input_correlation/{name}"] = mean_offdiagonal_correlation(z)
         return out
 
     def evaluate(self, state: TrainState) -> dict[str, jax.Array]:
@@ -242,11 +245,12 @@ class Experiment:
 
 
 def configure_jax(config: ml_collections.ConfigDict) -> bool:
-    """Turns JAX's 64-bit mode on when the config's rule solves in float64 (``prefers_x64``,
-    e.g. closed_form) and the backend has float64 (not a TPU). Call it before anything is built;
-    binaries do. Other rules' arrays keep their float32 dtypes. Returns whether 64-bit is on."""
-    spec = rules.get_rule_spec(config.rule.name)
-    wanted = spec.prefers_x64 and config.rule.get("dtype", "auto") != "float32"
+    """Turns JAX's 64-bit mode on when the config's rule solves in float64 (its
+    ``RuleSpec.wants_x64``, e.g. closed_form) and the backend has float64 (not a TPU). Call it
+    before anything is built; binaries do. Other rules' arrays keep their float32 dtypes.
+    Returns whether 64-bit is on."""
+    options = {k: v for k, v in config.rule.items() if k != "name"}
+    wanted = rules.wants_x64(config.rule.name, options)
     if wanted and jax.default_backend() != "tpu" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
     return bool(jax.config.jax_enable_x64)

@@ -52,15 +52,13 @@ from absl import app
 from evosax.algorithms import Open_ES
 from jax.flatten_util import ravel_pytree
 
-from altlearn import rules
 from altlearn.config import base_config
-from altlearn.rules.base import RuleSpec, rng_mode
-from altlearn.rules.evolution import evolution
-from altlearn.rules.population import (
+from altlearn.rules._population import (
     activation_bytes,
     chunk_size_for,
     evaluate_population,
 )
+from altlearn.rules.base import rng_mode
 from altlearn.train import Experiment
 from experiments.bench import (
     HandMLP,
@@ -93,7 +91,7 @@ def evolution_config(
     batch_size: int = BATCH,
     rng_partitionable: str = "auto",
 ) -> ml_collections.ConfigDict:
-    """Open_ES on mnist1d, MLP 40-widths-10 (the rule must be registered)."""
+    """Open_ES on mnist1d, MLP 40-widths-10."""
     config = base_config(rule="evolution", model="mlp", data="mnist1d")
     config.model.widths = tuple(widths)
     config.batch_size = batch_size
@@ -222,7 +220,7 @@ def measure(
     batches: Sequence[int] = (128, 512, 2048),
     min_chunk_generations: int = MIN_CHUNK_GENERATIONS,
 ) -> dict[str, Any]:
-    """Runs parts 1-3; returns every number as a JSON-able dict. The rule must be registered.
+    """Runs parts 1-3; returns every number as a JSON-able dict.
 
     A population P is timed in chunks of chunk_generations * overhead_population // P
     generations, so every chunk does about the same work, but at least
@@ -516,10 +514,6 @@ def markdown_tables(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    rules.RULES.setdefault(
-        "evolution",
-        RuleSpec(evolution, needs_layered=False, uses_optimizer=True, summary="", source=""),
-    )
     result = measure(
         tuple(int(p) for p in _POPULATIONS.value),
         _OVERHEAD_POPULATION.value,

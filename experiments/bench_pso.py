@@ -45,7 +45,7 @@ import threadpoolctl
 from absl import app, flags
 
 from altlearn.config import base_config
-from altlearn.rules.swarm import neurons_of
+from altlearn.rules.neuron_pso import neurons_of
 from altlearn.train import Experiment
 from experiments.bench import make_matmul
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from altlearn import rules
 from altlearn.plotting import plot_comparison
 from altlearn.train import Experiment, configure_jax
 
@@ -35,52 +36,12 @@ def load_get_config(path: str):
     return module.get_config
 
 
-def forward_passes(config) -> str:
-    """Forward-pass equivalents one step spends (B = backward pass, J = jvp pass)."""
-    rule = config.rule
-    layers = len(config.model.widths) + 1
-    m = int(rule.get("num_noise_samples", 1))
-    if rule.name == "backprop":
-        return "1 + 1B"
-    if rule.name == "evolution":
-        return f"1 + {rule.population_size}"
-    if rule.name == "pso":  # new positions, and the bests re-scored on the new batch
-        return f"1 + 2 x {rule.population_size}"
-    if rule.name == "neuron_pso":
-        return f"1 + 2 x {rule.particles_per_neuron} x neurons"
-    if rule.name == "forward_gradient":
-        return f"{m}J"
-    if rule.name == "weight_perturbation":
-        return f"1 + {m}"
-    if rule.name == "closed_form":  # plus one output solve + forward pass per line-search trial
-        return "normal equations + 2 solves"
-    if rule.name != "node_perturbation":
-        return "?"
-    noisy = layers if rule.variant == "inp" else 1
-    if rule.mode == "jvp":
-        return f"1 + {m * noisy}J"
-    return f"1 + {m * noisy}"
-
-
-def forward_pass_count(config, num_outputs: int) -> float:
-    """Forward passes per step as a number (a backward pass counts 2, a jvp pass 2), for equal
-    forward-pass budgets. Per-neuron swarms count one network evaluation per particle per
-    neuron (their downstream-only evaluation is cheaper than that)."""
-    rule = config.rule
-    if rule.name == "neuron_pso":
-        return 1 + 2 * rule.particles_per_neuron * (sum(config.model.widths) + num_outputs)
-    if rule.name == "pso":
-        return 1 + 2 * rule.population_size
-    if rule.name == "closed_form":
-        raise ValueError(
-            "closed_form's step is a pair of least-squares solves, not a number of forward "
-            "passes; compare it with --budget_seconds or --steps."
-        )
-    total = 0.0
-    for term in forward_passes(config).split(" + "):
-        count = term.rstrip("BJ")
-        total += float(count or 1) * (2 if term[-1] in "BJ" else 1)
-    return total
+def forward_passes(experiment: Experiment) -> float:
+    """Forward-pass equivalents one step of the experiment's rule spends (its
+    ``RuleSpec.cost``; a backward or jvp pass counts 2)."""
+    config = experiment.config
+    options = {k: v for k, v in config.rule.items() if k != "name"}
+    return rules.step_cost(config.rule.name, experiment.model, options)
 
 
 PROBE_SECONDS = 0.5
@@ -91,8 +52,7 @@ def budget_steps(config, seeds: int, forward_passes_budget: int, seconds_budget:
     seconds of this machine (measured on a short compiled probe of the real vmapped run)."""
     experiment = Experiment(config)
     if forward_passes_budget:
-        per_step = forward_pass_count(config, experiment.dataset.num_outputs)
-        return max(1, int(forward_passes_budget // per_step))
+        return max(1, int(forward_passes_budget // forward_passes(experiment)))
     keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
     state = jax.jit(jax.vmap(experiment.init))(keys)
     probe, per_step = 20, None
@@ -150,7 +110,7 @@ def run_one(config, seeds: int) -> dict:
         "time_per_step_s": train_time / max(steps // every * every, 1),
         "train_time_s": train_time,
         "steps": steps // every * every,
-        "forward_passes": forward_passes(config),
+        "forward_passes": forward_passes(experiment),
         "config": json.loads(config.to_json()),
     }
 
@@ -177,7 +137,7 @@ def table(results: dict, seeds: int) -> str:
             cos = _mean_std(f["grad_cosine"]) if "grad_cosine" in f else "-"
             lines.append(
                 f"| {name} | {_mean_std(f['test_accuracy'])} | {max(f['test_accuracy']):.3f} | "
-                f"{_mean_std(f['train_loss'])} | {cos} | {r['forward_passes']} | "
+                f"{_mean_std(f['train_loss'])} | {cos} | {r['forward_passes']:g} | "
                 f"{r['steps']} | {r['time_per_step_s'] * 1e3:.2f} ms{ratio} | "
                 f"{r['train_time_s']:.1f} s |"
             )

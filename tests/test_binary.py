@@ -111,9 +111,9 @@ def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
     assert _figures(tmp_path / "cut") == _figures(tmp_path / "whole")
 
 
-def _diverges_at_step_5(model, task, optimizer):
+def _diverges_at_step_5(model, task, optimizer, data):
     """Backprop whose parameters turn to NaN in the update of step 5."""
-    inner = rules.backprop(model, task, optimizer)
+    inner = rules.backprop.backprop(model, task, optimizer, data)
 
     def init(key, variables):
         return (inner.init(key, variables), jnp.zeros((), jnp.int32))
@@ -130,7 +130,7 @@ def _diverges_at_step_5(model, task, optimizer):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setitem(
-        rules.RULES, "diverging", rules.RuleSpec(_diverges_at_step_5, False, True, "", "")
+        rules.RULES, "diverging", rules.RuleSpec(_diverges_at_step_5, False, "", "", lambda m, o: 3)
     )
     config = tiny_config("diverging", steps=40, eval_every=2)
     with pytest.raises(

@@ -1,8 +1,6 @@
 """Evolution strategies over network weights (RULES.md section 2): learning, the sign of the
 fitness, sharded and chunked evaluation, NaN fitness, clear errors, jit/vmap."""
 
-import importlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,21 +9,12 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from altlearn import losses, models, rules
-from altlearn.rules.base import RuleSpec
+from altlearn import losses, models
+from altlearn.rules import evolution as evolution_module
 from altlearn.rules.evolution import evolution, strategy_param_defaults
 from altlearn.train import Experiment, make_train
 
-# The package attribute `altlearn.rules.evolution` is the factory; the test patches the module.
-evolution_module = importlib.import_module("altlearn.rules.evolution")
-
-SPEC = RuleSpec(evolution, needs_layered=False, uses_optimizer=True, summary="", source="")
 REGRESSION = losses.make_task("regression")
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(rules.RULES, "evolution", SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def _run(rule, variables, batch, steps):
     return run(variables)
 
 
-def test_open_es_learns_the_tiny_problem(registered):
+def test_open_es_learns_the_tiny_problem():
     config = tiny_config(
         "evolution",
         steps=150,
@@ -77,7 +66,7 @@ def test_open_es_learns_the_tiny_problem(registered):
     assert float(metrics["eval"]["test_accuracy"]) > 0.75
 
 
-def test_simple_ga_learns_the_tiny_problem(registered):
+def test_simple_ga_learns_the_tiny_problem():
     config = tiny_config(
         "evolution",
         steps=500,
@@ -108,7 +97,7 @@ def test_fitness_is_the_loss_and_is_minimised(strategy, options):
     negated = losses.Task("regression", "negated", lambda out, t: -REGRESSION.loss(out, t))
     finals = {}
     for name, task in (("loss", REGRESSION), ("negated", negated)):
-        rule = evolution(model, task, optax.adam(0.1), strategy, population_size=16, **options)
+        rule = evolution(model, task, optax.adam(0.1), {}, strategy, population_size=16, **options)
         final, _ = _run(rule, variables, (x, y), 40)
         finals[name] = float(jnp.mean(REGRESSION.loss(model.apply(final, x), y)))
     assert finals["loss"] < 0.1 * 4.5 < 4.5 < finals["negated"], finals  # 4.5 at w = 0
@@ -116,7 +105,7 @@ def test_fitness_is_the_loss_and_is_minimised(strategy, options):
 
 def test_metrics_report_the_incoming_params_and_the_generation(tiny):
     model, task, variables, batch = tiny
-    rule = evolution(model, task, optax.adam(1e-2), population_size=16)
+    rule = evolution(model, task, optax.adam(1e-2), {}, population_size=16)
     state = rule.init(jax.random.PRNGKey(0), variables)
     _, _, metrics = jax.jit(rule.step)(jax.random.PRNGKey(1), variables, state, batch)
     loss = jnp.mean(task.loss(model.apply(variables, batch[0]), batch[1]))
@@ -140,7 +129,7 @@ LAYOUT_OPTIONS = dict(population_size=64, strategy_params={"std_init": 0.05})
 def one_vmap(tiny):
     """Params after 3 steps with the whole population in one unsharded vmap."""
     model, task, variables, batch = tiny
-    rule = evolution(model, task, optax.adam(1e-2), **LAYOUT_OPTIONS)
+    rule = evolution(model, task, optax.adam(1e-2), {}, **LAYOUT_OPTIONS)
     return _run(rule, variables, batch, 3)[0]
 
 
@@ -152,6 +141,7 @@ def test_sharded_evaluation_equals_unsharded(tiny, one_vmap, memory_budget_mb):
         model,
         task,
         optax.adam(1e-2),
+        {},
         shard=True,
         memory_budget_mb=memory_budget_mb,
         **LAYOUT_OPTIONS,
@@ -168,7 +158,7 @@ def test_rng_modes_auto_is_classic_threefry_on_cpu_and_sharding_never_changes_th
     finals = {}
     for mode, shard in [("auto", False), ("off", False), ("on", False), ("on", True)]:
         rule = evolution(
-            model, task, optax.adam(1e-2), rng_partitionable=mode, shard=shard, **LAYOUT_OPTIONS
+            model, task, optax.adam(1e-2), {}, rng_partitionable=mode, shard=shard, **LAYOUT_OPTIONS
         )
         finals[mode, shard] = jax.tree.leaves(_run(rule, variables, batch, 2)[0])
     for a, b in zip(finals["auto", False], finals["off", False]):
@@ -181,13 +171,13 @@ def test_rng_modes_auto_is_classic_threefry_on_cpu_and_sharding_never_changes_th
 def test_unknown_rng_mode_lists_the_valid_ones(tiny):
     model, task, _, _ = tiny
     with pytest.raises(ValueError, match="valid choices: auto, on, off, jax"):
-        evolution(model, task, optax.adam(1e-2), rng_partitionable="fast")
+        evolution(model, task, optax.adam(1e-2), {}, rng_partitionable="fast")
 
 
 def test_shard_needs_a_population_divisible_by_the_devices(tiny):
     model, task, _, _ = tiny
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        evolution(model, task, optax.adam(1e-2), population_size=12, shard=True)
+        evolution(model, task, optax.adam(1e-2), {}, population_size=12, shard=True)
 
 
 def test_chunked_evaluation_equals_one_vmap(tiny, one_vmap, monkeypatch):
@@ -200,7 +190,7 @@ def test_chunked_evaluation_equals_one_vmap(tiny, one_vmap, monkeypatch):
         return evaluate(fitness_fn, population, chunk_size, sharding)
 
     monkeypatch.setattr(evolution_module, "evaluate_population", spy)
-    rule = evolution(model, task, optax.adam(1e-2), memory_budget_mb=1, **LAYOUT_OPTIONS)
+    rule = evolution(model, task, optax.adam(1e-2), {}, memory_budget_mb=1, **LAYOUT_OPTIONS)
     final, _ = _run(rule, variables, batch, 3)
     assert 1 < chunks[0] < 64 and 64 % chunks[0] == 0, chunks  # 1 MB holds ~20 members
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), final, one_vmap)
@@ -218,7 +208,7 @@ def test_nan_fitness_is_counted_and_never_reported(strategy):
     )
     variables = {"params": {"kernel": jnp.zeros((1, 1))}}
     options = {"strategy_params": {"std_init": 0.5}} if strategy == "Open_ES" else {}
-    rule = evolution(model, task, optax.adam(0.1), strategy, population_size=16, **options)
+    rule = evolution(model, task, optax.adam(0.1), {}, strategy, population_size=16, **options)
     final, metrics = _run(rule, variables, (x, y), 30)
     w = float(final["params"]["kernel"][0, 0])
     assert int(np.sum(metrics["nan_fitness"])) > 0
@@ -240,6 +230,7 @@ def test_a_strategy_whose_mean_turns_nonfinite_keeps_the_last_finite_params(stra
         model,
         REGRESSION,
         optax.adam(0.1),
+        {},
         strategy,
         population_size=16,
         strategy_params={"std_init": 1e38},
@@ -265,12 +256,12 @@ def test_sep_cma_es_on_moons_never_reports_nan_params():
 def test_unknown_strategy_lists_the_valid_names(tiny):
     model, task, _, _ = tiny
     with pytest.raises(ValueError, match="Unknown evosax strategy 'OpenES'.*Open_ES.*PSO"):
-        evolution(model, task, None, strategy="OpenES")
+        evolution(model, task, None, {}, strategy="OpenES")
 
 
 def test_cma_es_is_refused_above_max_cma_dims(tiny):
     model, task, variables, _ = tiny  # 2410 params
-    rule = evolution(model, task, None, strategy="CMA_ES", max_cma_dims=1000)
+    rule = evolution(model, task, None, {}, strategy="CMA_ES", max_cma_dims=1000)
     with pytest.raises(ValueError, match="2410.*Sep_CMA_ES, SNES, Open_ES, PGPE"):
         rule.init(jax.random.PRNGKey(0), variables)
 
@@ -278,12 +269,12 @@ def test_cma_es_is_refused_above_max_cma_dims(tiny):
 def test_bad_strategy_options_name_the_valid_ones(tiny):
     model, task, variables, _ = tiny
     with pytest.raises(ValueError, match="Unknown strategy_params.*inertia_coeff"):
-        evolution(model, task, None, strategy="PSO", strategy_params={"inertia": 0.5})
+        evolution(model, task, None, {}, strategy="PSO", strategy_params={"inertia": 0.5})
     with pytest.raises(ValueError, match="Unknown strategy_kwargs.*use_antithetic_sampling"):
-        evolution(model, task, None, strategy_kwargs={"antithetic": False})
+        evolution(model, task, None, {}, strategy_kwargs={"antithetic": False})
     with pytest.raises(ValueError, match="needs strategy_kwargs.*num_populations"):
-        evolution(model, task, None, strategy="SV_Open_ES")
-    rule = evolution(model, task, optax.adam(1e-2), strategy="Open_ES", population_size=63)
+        evolution(model, task, None, {}, strategy="SV_Open_ES")
+    rule = evolution(model, task, optax.adam(1e-2), {}, strategy="Open_ES", population_size=63)
     with pytest.raises(ValueError, match="Open_ES cannot run with population_size=63.*even"):
         rule.init(jax.random.PRNGKey(0), variables)
 
@@ -305,6 +296,7 @@ def test_stein_variational_strategy_reports_one_of_its_means(tiny):
         model,
         task,
         optax.adam(1e-2),
+        {},
         strategy="SV_Open_ES",
         population_size=8,
         strategy_kwargs={"num_populations": 2},
@@ -315,7 +307,7 @@ def test_stein_variational_strategy_reports_one_of_its_means(tiny):
     assert np.all(np.isfinite(metrics["loss"])) and int(np.sum(metrics["nan_fitness"])) == 0
 
 
-def test_vmap_over_seeds_and_a_strategy_param(registered):
+def test_vmap_over_seeds_and_a_strategy_param():
     """Seeds and ``rule.strategy_params.std_init`` (a traced float) vmapped through the loop."""
     name = "rule.strategy_params.std_init"
     config = tiny_config(

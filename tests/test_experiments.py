@@ -31,7 +31,7 @@ def test_compare_runs_seeds_in_one_program_and_tabulates():
     result = compare.run_one(config, seeds=2)
     assert [c["step"] for c in result["curves"]] == [0, 2, 4]
     assert len(result["final"]["test_accuracy"]) == 2
-    assert result["forward_passes"] == "1 + 1"
+    assert result["forward_passes"] == 2  # clean pass + one noisy pass (np's RuleSpec.cost)
     text = compare.table({"digits": {"np": result}}, seeds=2)
     assert "| np |" in text and "2 seeds" in text
 

@@ -34,7 +34,8 @@ def test_mlp_trace_matches_hand_computation_with_noise(mlp_and_vars):
     h = np.asarray(x).reshape(6, -1)
     for i in range(3):
         np.testing.assert_allclose(trace.inputs[i], h, rtol=1e-5, atol=1e-6)
-        a = h @ p[f"layer_{i}"]["kernel"] + p[f"layer_{i}"]["bias"] + np.asarray(noise[i])
+        name = model.layer_names[i]
+        a = h @ p[name]["kernel"] + p[name]["bias"] + np.asarray(noise[i])
         np.testing.assert_allclose(trace.preacts[i], a, rtol=1e-5, atol=1e-6)
         h = _leaky(a) if i < 2 else a  # the output layer has no activation
     np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
@@ -57,7 +58,7 @@ def test_decorrelation_matrix_is_applied_to_layer_inputs():
 def test_decorrelation_update_follows_the_local_rule(batch, width):
     z = jax.random.normal(jax.random.PRNGKey(0), (batch, width))
     r = jnp.eye(width) + 0.1
-    new = decorrelation_update({"layer_0": r}, (z,), 0.5)["layer_0"]
+    new = decorrelation_update({"layer_0": r}, {"layer_0": z}, 0.5)["layer_0"]
     c = np.asarray(z).T @ np.asarray(z) / batch
     np.fill_diagonal(c, 0.0)
     np.testing.assert_allclose(new, np.asarray(r) - 0.5 * c @ np.asarray(r), rtol=1e-4, atol=1e-6)
@@ -123,10 +124,8 @@ def test_cnn_trace_exposes_conv_preactivations():
     _, trace = model.apply_layered(variables, x)
     assert [a.shape for a in trace.preacts] == [(2, 40, 4), (2, 20, 8), (2, 16), (2, 10)]
     assert trace.inputs[2].shape == (2, 10 * 8)  # pooled twice, then flattened
-    for i, (z, a) in enumerate(zip(trace.inputs, trace.preacts)):
-        np.testing.assert_allclose(
-            model.layer_apply(i, variables["params"][f"layer_{i}"], z), a, rtol=1e-6
-        )
+    for i, (name, z, a) in enumerate(zip(model.layer_names, trace.inputs, trace.preacts)):
+        np.testing.assert_allclose(model.layer_apply(i, variables["params"][name], z), a, rtol=1e-6)
 
 
 def test_vgg16_layout_has_vgg16_size():

@@ -39,7 +39,8 @@ def small_net():
 def _estimates(model, variables, batch, num, **options):
     rule = rules.make_rule("node_perturbation", model, TASK, optax.sgd(0.1), **options)
     keys = jax.random.split(jax.random.PRNGKey(3), num)
-    return jax.jit(jax.vmap(lambda k: rule.estimate(k, variables, batch)[0]))(keys)
+    state = rule.init(jax.random.PRNGKey(4), variables)
+    return jax.jit(jax.vmap(lambda k: rule.estimate(k, variables, state, batch)[0]))(keys)
 
 
 @pytest.mark.parametrize("variant", ["np", "inp"])
@@ -63,12 +64,12 @@ def test_per_sample_loss_difference_is_not_batch_averaged(small_net):
     key = jax.random.PRNGKey(7)
     y2 = y.at[0].set((y[0] + 1) % 3)
     x0 = x.at[0].set(0.0)
-    g1 = rule.estimate(key, variables, (x0, y))[0]
-    g2 = rule.estimate(key, variables, (x0, y2))[0]
+    state = rule.init(key, variables)
+    g1 = rule.estimate(key, variables, state, (x0, y))[0]
+    g2 = rule.estimate(key, variables, state, (x0, y2))[0]
     # First-layer weights see only inputs; sample 0 has z = 0 there, so its e contributes nothing.
-    np.testing.assert_allclose(
-        g1["layer_0"]["kernel"], g2["layer_0"]["kernel"], rtol=1e-5, atol=1e-8
-    )
+    first = model.layer_names[0]
+    np.testing.assert_allclose(g1[first]["kernel"], g2[first]["kernel"], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("variant", ["np", "anp", "inp"])
@@ -90,9 +91,9 @@ def test_layer_local_update_is_z_transpose_e_for_a_dense_layer():
         jax.random.normal(jax.random.PRNGKey(i), a.shape) for i, a in enumerate(trace.preacts)
     ]
     grads = _layer_local_grads(model, variables["params"], trace.inputs, errors)
-    for i, (z, e) in enumerate(zip(trace.inputs, errors)):
-        np.testing.assert_allclose(grads[f"layer_{i}"]["kernel"], -(z.T @ e) / 6, rtol=1e-5)
-        np.testing.assert_allclose(grads[f"layer_{i}"]["bias"], -e.sum(0) / 6, rtol=1e-5)
+    for name, z, e in zip(model.layer_names, trace.inputs, errors):
+        np.testing.assert_allclose(grads[name]["kernel"], -(z.T @ e) / 6, rtol=1e-5)
+        np.testing.assert_allclose(grads[name]["bias"], -e.sum(0) / 6, rtol=1e-5)
 
 
 def test_layer_local_update_with_backprop_errors_is_the_gradient_on_a_conv_net():
@@ -213,7 +214,8 @@ def test_noise_is_drawn_in_the_configured_threefry_mode(small_net, rule):
     est = {}
     for mode in ("auto", "off", "on"):
         r = rules.make_rule(rule, model, TASK, optax.sgd(0.1), rng_partitionable=mode)
-        est[mode] = _flat(jax.jit(r.estimate)(key, variables, batch)[0])
+        state = r.init(key, variables)
+        est[mode] = _flat(jax.jit(r.estimate)(key, variables, state, batch)[0])
     assert jax.default_backend() == "cpu"
     np.testing.assert_array_equal(est["auto"], est["off"])
     assert not np.allclose(est["on"], est["off"])

@@ -12,40 +12,21 @@ import pytest
 from conftest import tiny_config
 
 from altlearn import losses, models, rules
-from altlearn.rules.base import RuleSpec
-from altlearn.rules.population import activation_bytes, population_sharding
-from altlearn.rules.swarm import (
+from altlearn.rules._population import activation_bytes, population_sharding
+from altlearn.rules._swarm import (
     Coefficients,
     Swarm,
-    _chunk_size,
     as_fitness,
-    candidate_loss,
-    layer_params_of,
-    neuron_pso,
-    neurons_of,
-    pso,
+    chunk_size,
     random_like,
     uniform_fast,
     update_swarm,
 )
+from altlearn.rules.neuron_pso import candidate_loss, layer_params_of, neuron_pso, neurons_of
+from altlearn.rules.pso import pso
 from altlearn.train import make_train
 
 TASK = losses.make_task("classification")
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """Registers both rules the way the integrator will (tiny_config reads the registry)."""
-    monkeypatch.setitem(
-        rules.RULES,
-        "pso",
-        RuleSpec(pso, needs_layered=False, uses_optimizer=False, summary="", source=""),
-    )
-    monkeypatch.setitem(
-        rules.RULES,
-        "neuron_pso",
-        RuleSpec(neuron_pso, needs_layered=True, uses_optimizer=False, summary="", source=""),
-    )
 
 
 def _problem(model, input_shape=(6,), num_outputs=3, batch=16, seed=0):
@@ -63,7 +44,7 @@ def _full_loss(model, variables, params, batch):
 
 def _loss_with_neuron(model, variables, params, layer, rows, j, theta, batch):
     """Full forward pass with neuron j of ``layer`` set to theta (the other neurons: rows)."""
-    name = f"layer_{layer}"
+    name = model.layer_names[layer]
     layer_params = layer_params_of(rows.at[j].set(theta), params[name])
     return _full_loss(model, variables, {**params, name: layer_params}, batch)
 
@@ -80,7 +61,7 @@ def _loss_with_neuron(model, variables, params, layer, rows, j, theta, batch):
         ("neuron_pso", {"rule.velocity_clamp": 0.1}, 0.3, 0.85),
     ],
 )
-def test_learns_on_digits(registry, rule, overrides, max_train_loss, min_test_accuracy):
+def test_learns_on_digits(rule, overrides, max_train_loss, min_test_accuracy):
     train = make_train(tiny_config(rule, steps=100, **overrides))
     _, metrics = jax.jit(train)(jax.random.PRNGKey(0))
     first = float(np.mean(metrics["step"]["loss"][:5]))
@@ -100,7 +81,7 @@ def _reference_neuron_pso_step(model, variables, state, batch, key, coef, order)
     new_state = []
     noise = random_like(uniform_fast, key, tuple(s.position for s in state), (2,))
     for layer, (swarm, r) in enumerate(zip(state, noise)):
-        name = f"layer_{layer}"
+        name = model.layer_names[layer]
         rows = neurons_of(params[name])
         context_rows = rows
         n = swarm.position.shape[0]
@@ -131,7 +112,7 @@ def test_neuron_pso_step_equals_loop_over_neurons(order):
     model = models.mlp((6,), 3, widths=(4,))
     variables, batch = _problem(model)
     coef = Coefficients(0.729, 1.49445, 1.49445, 0.0)
-    rule = neuron_pso(model, TASK, optax.sgd(0.1), 4, *coef[:3], 0.5, update_order=order)
+    rule = neuron_pso(model, TASK, None, {}, 4, *coef[:3], 0.5, 0.0, update_order=order)
     state = rule.init(jax.random.PRNGKey(1), variables)
     ref_vars, ref_state, initial = variables, state, variables["params"]
     for i in range(2):  # the second step moves particles that have a velocity
@@ -147,7 +128,8 @@ def test_neuron_pso_step_equals_loop_over_neurons(order):
             (variables, state),
             (ref_vars, ref_state),
         )
-    assert not np.allclose(variables["params"]["layer_0"]["kernel"], initial["layer_0"]["kernel"])
+    first = model.layer_names[0]
+    assert not np.allclose(variables["params"][first]["kernel"], initial[first]["kernel"])
 
 
 @pytest.mark.parametrize(
@@ -169,7 +151,7 @@ def test_downstream_evaluation_equals_full_forward(name, model, input_shape):
     apply_layered = jax.jit(model.apply_layered)
     _, trace = apply_layered(variables, batch[0])
     for layer in range(model.num_layers):
-        lname = f"layer_{layer}"
+        lname = model.layer_names[layer]
         rows = neurons_of(params[lname])
         np.testing.assert_array_equal(
             layer_params_of(rows, params[lname])["kernel"], params[lname]["kernel"]
@@ -215,10 +197,10 @@ def test_sharded_and_chunked_equal_plain(rule_fn, configs):
     model = models.mlp((6,), 3, widths=(8,))
     variables, batch = _problem(model, batch=2048)
     member_bytes = lambda: activation_bytes(model.apply, variables, batch[0])
-    assert _chunk_size(64, member_bytes, 1, population_sharding(64)) < 64  # 1 MB chunks pso
+    assert chunk_size(64, member_bytes, 1, population_sharding(64)) < 64  # 1 MB chunks pso
     results = []
     for options in configs:
-        rule = rule_fn(model, TASK, optax.sgd(0.1), 64 if rule_fn is pso else 8, **options)
+        rule = rule_fn(model, TASK, None, {}, 64 if rule_fn is pso else 8, **options)
         v, state = variables, rule.init(jax.random.PRNGKey(1), variables)
         for i in range(3):
             v, state, metrics = jax.jit(rule.step)(jax.random.PRNGKey(i), v, state, batch)
@@ -226,14 +208,15 @@ def test_sharded_and_chunked_equal_plain(rule_fn, configs):
     for other in results[1:]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), results[0], other)
     if rule_fn is pso:
-        assert len(results[1][1].position["layer_0"]["kernel"].sharding.device_set) == 8
+        first = model.layer_names[0]
+        assert len(results[1][1].position[first]["kernel"].sharding.device_set) == 8
 
 
 @pytest.mark.parametrize("rule_fn", [pso, neuron_pso])
 def test_velocity_clamp_bounds_velocities(rule_fn):
     model = models.mlp((6,), 3, widths=(8,))
     variables, batch = _problem(model)
-    rule = rule_fn(model, TASK, optax.sgd(0.1), 8, init_scale=2.0, velocity_clamp=0.05)
+    rule = rule_fn(model, TASK, None, {}, 8, init_scale=2.0, velocity_clamp=0.05)
     state = rule.init(jax.random.PRNGKey(1), variables)
     for i in range(3):
         variables, state, _ = jax.jit(rule.step)(jax.random.PRNGKey(i), variables, state, batch)
@@ -291,7 +274,7 @@ def test_nan_losses_are_counted_and_skipped(rule_fn):
         loss=lambda out, y: jnp.where(jnp.max(jnp.abs(out)) > limit, jnp.nan, TASK.loss(out, y))
     )
     options = {"update_order": "gauss_seidel"} if rule_fn is neuron_pso else {}
-    rule = rule_fn(model, nan_task, optax.sgd(0.1), 16, init_scale=1.0, **options)
+    rule = rule_fn(model, nan_task, None, {}, 16, init_scale=1.0, velocity_clamp=0.0, **options)
     state = rule.init(jax.random.PRNGKey(1), variables)
     step = jax.jit(rule.step)
     for i in range(2):
@@ -304,7 +287,7 @@ def test_nan_losses_are_counted_and_skipped(rule_fn):
 # ------------------------------------------------------------------------------ errors
 
 
-def test_errors(registry):
+def test_errors():
     resnet = models.make_model("resnet", (8, 1), 3)
     with pytest.raises(ValueError, match="needs a layered model"):
         rules.make_rule("neuron_pso", resnet, TASK, optax.sgd(0.1))
@@ -336,7 +319,7 @@ def test_jit_and_vmap_over_seeds_and_inertia(rule_fn):
     variables, batch = _problem(model)
 
     def run(key, inertia):  # init and three steps; the float option is a traced value
-        rule = rule_fn(model, TASK, optax.sgd(0.1), 8, inertia=inertia, init_scale=0.5)
+        rule = rule_fn(model, TASK, None, {}, 8, inertia=inertia, init_scale=0.5)
         v, state = variables, rule.init(key, variables)
         for i in range(3):  # velocities start at 0: inertia acts from the third step on
             v, state, metrics = rule.step(jax.random.fold_in(key, i), v, state, batch)
@@ -364,7 +347,7 @@ def test_pso_without_rescoring_is_the_same_run_on_a_full_batch_only():
     halves = [(x[:32], y[:32]), (x[32:], y[32:])]
 
     def run(rescore, batches):
-        rule = pso(model, TASK, None, 16, velocity_clamp=0.1, rescore_bests=rescore)
+        rule = pso(model, TASK, None, {}, 16, velocity_clamp=0.1, rescore_bests=rescore)
         v, state = variables, rule.init(jax.random.PRNGKey(1), variables)
         step = jax.jit(rule.step)
         for i in range(8):

@@ -96,16 +96,9 @@ def test_model_that_cannot_take_the_data_is_refused_before_training():
 def test_rule_needing_layers_refuses_a_flax_model():
     from altlearn import losses, models, rules
 
-    spec = rules.RuleSpec(
-        rules.backprop, needs_layered=True, uses_optimizer=True, summary="", source=""
-    )
-    rules.RULES["_layered_probe"] = spec
-    try:
-        model = models.make_model("resnet", (8, 1), 2)
-        with pytest.raises(ValueError, match="needs a layered model"):
-            rules.make_rule("_layered_probe", model, losses.make_task("classification"), None)
-    finally:
-        del rules.RULES["_layered_probe"]
+    model = models.make_model("resnet", (8, 1), 2)
+    with pytest.raises(ValueError, match="needs a layered model"):
+        rules.make_rule("node_perturbation", model, losses.make_task("classification"), None)
 
 
 def test_backprop_reaches_96_percent_on_digits():

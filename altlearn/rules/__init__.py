@@ -1,95 +1,50 @@
-"""The rule registry: binaries, docs and the conformance tests all read ``RULES``."""
+"""The rule registry: binaries, docs and the conformance tests all read ``RULES``.
+
+Each rule lives in the module named after its entry and owns its ``RuleSpec`` (``SPEC``): the
+factory, what it needs, its cost per step and its docs row.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import optax
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.backprop import backprop
+from altlearn.rules import (
+    backprop,
+    closed_form,
+    evolution,
+    forward_gradient,
+    neuron_pso,
+    node_perturbation,
+    pso,
+    weight_perturbation,
+)
 from altlearn.rules.base import (
+    SPLITS,
+    Batch,
     EstimateAux,
     GradientRuleState,
     LearningRule,
     RuleSpec,
+    batch_loss,
     gradient_rule,
+    params_loss,
     rule_options,
 )
-from altlearn.rules.closed_form import closed_form
-from altlearn.rules.evolution import evolution
-from altlearn.rules.node_perturbation import (
-    forward_gradient,
-    node_perturbation,
-    weight_perturbation,
-)
-from altlearn.rules.swarm import neuron_pso, pso
 
 RULES: dict[str, RuleSpec] = {
-    "backprop": RuleSpec(
-        backprop,
-        needs_layered=False,
-        uses_optimizer=True,
-        summary="exact gradient by jax.grad; DBP on a decorrelated model",
-        source="baseline",
-    ),
-    "node_perturbation": RuleSpec(
-        node_perturbation,
-        needs_layered=True,
-        uses_optimizer=True,
-        summary="noise on every pre-activation, learning from the per-sample loss change "
-        "(variants np, anp, inp; finite difference or jvp); DNP/DANP/DINP on a decorrelated model",
-        source="paper 003 (Dalm et al., arXiv 2310.00965)",
-    ),
-    "weight_perturbation": RuleSpec(
-        weight_perturbation,
-        needs_layered=False,
-        uses_optimizer=True,
-        summary="noise on the weights, loss change between two forward passes",
-        source="relative of paper 003",
-    ),
-    "forward_gradient": RuleSpec(
-        forward_gradient,
-        needs_layered=False,
-        uses_optimizer=True,
-        summary="weight-space directional derivative along a random tangent (one jvp)",
-        source="Baydin et al. 2022",
-    ),
-    "evolution": RuleSpec(
-        evolution,
-        needs_layered=False,
-        uses_optimizer=True,
-        summary="any evosax strategy (Open_ES, SNES, Sep_CMA_ES, PGPE, PSO, DE, GAs, ...) over the "
-        "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
-        source="evosax (Lange 2023); RULES.md section 2",
-    ),
-    "pso": RuleSpec(
-        pso,
-        needs_layered=False,
-        uses_optimizer=False,
-        summary="whole-network particle swarm (constriction coefficients, velocity clamp); bests "
-        "re-scored on each batch; population vmapped, chunked, sharded",
-        source="baseline of paper 000 (Kumar, arXiv 2412.05667); Clerc & Kennedy 2002",
-    ),
-    "neuron_pso": RuleSpec(
-        neuron_pso,
-        needs_layered=True,
-        uses_optimizer=False,
-        summary="a cooperative swarm per neuron (Jacobi or Gauss-Seidel), neurons x particles in "
-        "one vmap, downstream-only evaluation",
-        source="paper 000 (Kumar, arXiv 2412.05667); RULES.md section 3",
-    ),
-    "closed_form": RuleSpec(
-        closed_form,
-        needs_layered=True,
-        uses_optimizer=False,
-        summary="two-layer ReLU/leaky MLP, square loss: alternating closed-form solves of the "
-        "output layer (ridge) and the hidden layer (activation pattern frozen, block-structured "
-        "normal equations, Cholesky), backtracked so the loss never rises; float64, full batch",
-        source="paper 002 (Barbu, arXiv 2304.02972); RULES.md section 4",
-        prefers_x64=True,
-    ),
+    "backprop": backprop.SPEC,
+    "node_perturbation": node_perturbation.SPEC,
+    "weight_perturbation": weight_perturbation.SPEC,
+    "forward_gradient": forward_gradient.SPEC,
+    "evolution": evolution.SPEC,
+    "pso": pso.SPEC,
+    "neuron_pso": neuron_pso.SPEC,
+    "closed_form": closed_form.SPEC,
 }
 
 
@@ -104,42 +59,69 @@ def options_of(name: str) -> dict[str, Any]:
     return rule_options(get_rule_spec(name))
 
 
-def make_rule(
-    name: str, model: Model, task: Task, optimizer: optax.GradientTransformation, **options: Any
-) -> LearningRule:
-    """Builds rule ``name``; checks its options and that the model offers what it needs."""
-    spec = get_rule_spec(name)
-    valid = rule_options(spec)
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over rule ``name``'s defaults; an unknown option names the valid ones."""
+    valid = options_of(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"Unknown option(s) {unknown} for rule {name!r}; valid options: "
             f"{', '.join(valid) or '(none)'}."
         )
+    return {**valid, **options}
+
+
+def step_cost(name: str, model: Model, options: Mapping[str, Any] | None = None) -> float:
+    """Forward-pass equivalents one step of rule ``name`` spends (its ``RuleSpec.cost``)."""
+    return float(get_rule_spec(name).cost(model, check_options(name, options or {})))
+
+
+def wants_x64(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether rule ``name`` with ``options`` solves in float64 (``RuleSpec.wants_x64``)."""
+    return bool(get_rule_spec(name).wants_x64(check_options(name, options or {})))
+
+
+def make_rule(
+    name: str,
+    model: Model,
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    data: Mapping[str, Batch] | None = None,
+    **options: Any,
+) -> LearningRule:
+    """Builds rule ``name``; checks its options, that the model offers what it needs, and that
+    ``data`` holds the splits it declares."""
+    spec = get_rule_spec(name)
+    check_options(name, options)
     if spec.needs_layered and not model.layered:
         raise ValueError(
             f"Rule {name!r} needs a layered model (mlp, cnn, vgg) to read layer inputs and "
             f"pre-activations; model {model.name!r} offers only a forward pass."
         )
-    return spec.factory(model, task, optimizer, **options)
+    data = dict(data or {})
+    missing = [s for s in spec.splits if s not in data or data[s][0].shape[0] == 0]
+    if missing:
+        hint = " (set data.validation_fraction > 0)" if "val" in missing else ""
+        raise ValueError(
+            f"Rule {name!r} needs the {', '.join(missing)} split(s) of the data{hint}."
+        )
+    return spec.factory(model, task, optimizer, {s: data[s] for s in spec.splits}, **options)
 
 
 __all__ = [
     "RULES",
+    "SPLITS",
     "EstimateAux",
     "GradientRuleState",
     "LearningRule",
     "RuleSpec",
-    "backprop",
-    "closed_form",
-    "evolution",
-    "forward_gradient",
+    "batch_loss",
+    "check_options",
     "get_rule_spec",
     "gradient_rule",
     "make_rule",
-    "neuron_pso",
-    "node_perturbation",
     "options_of",
-    "pso",
-    "weight_perturbation",
+    "params_loss",
+    "step_cost",
+    "wants_x64",
 ]

@@ -1,7 +1,9 @@
-"""Backpropagation: the baseline every other rule is compared with (RULES.md section 0).
+"""Backpropagation: the baseline every other rule is compared with.
 
 The estimate is the exact gradient of the mean batch loss, ``jax.grad``; any optax optimizer
-applies it. On a model with decorrelation matrices this is DBP (BP through decorrelated layers).
+applies it. On a model with decorrelation matrices this is DBP (backprop through decorrelated
+layers, paper 003's baseline): the matrices R_l are updated by their own local rule after each
+step (``altlearn.rules.base.decorrelation_update``).
 """
 
 from __future__ import annotations
@@ -13,22 +15,39 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import EstimateAux, LearningRule, batch_loss, gradient_rule
+from altlearn.rules.base import (
+    EstimateAux,
+    LearningRule,
+    RuleSpec,
+    Splits,
+    batch_loss,
+    gradient_rule,
+)
 
 
 def backprop(
     model: Model,
     task: Task,
     optimizer: optax.GradientTransformation,
+    data: Splits,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
 ) -> LearningRule:
     """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
+    del data
 
-    def estimate(key, variables, batch):
-        x, y = batch
-        loss_of = lambda p: batch_loss(model, task, {**variables, "params": p}, x, y, key)
+    def estimate(key, variables, state, batch):
+        loss_of = lambda p: batch_loss(model, task, {**variables, "params": p}, batch, key)
         (loss, inputs), grads = jax.value_and_grad(loss_of, has_aux=True)(variables["params"])
-        return grads, EstimateAux(loss, inputs)
+        return grads, EstimateAux(loss, inputs), state
 
     return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+
+
+SPEC = RuleSpec(
+    backprop,
+    needs_layered=False,
+    summary="exact gradient by jax.grad; DBP on a decorrelated model",
+    source="baseline",
+    cost=lambda model, options: 3.0,  # one forward and one backward pass (2)
+)

@@ -2,7 +2,7 @@
 
 A learning rule is a pair of pure functions built by a factory, in the manner of optax:
 
-    rule = factory(model, task, optimizer, **options)
+    rule = factory(model, task, optimizer, data, **options)
     state = rule.init(key, variables)
     variables, state, metrics = rule.step(key, variables, state, batch)
 
@@ -12,21 +12,28 @@ own local rule. ``state`` is a pytree whose structure, shapes and dtypes never c
 steps (it is a ``lax.scan`` carry). ``metrics`` is a dict of scalars; ``'loss'`` (the batch loss
 before the step) is always present.
 
+``data`` holds the whole data splits a rule declares in its ``RuleSpec.splits`` (``'train'``,
+``'val'``) as device arrays ``(x, y)``: a rule that scores on the validation split or measures
+on a fixed probe batch gets them here, inside the compiled step, without reaching into the
+training loop. The test split is never offered. Rules that declare none get an empty mapping.
+
 Numeric options (learning rates, noise scales, coefficients) may be traced values, so a sweep can
 ``vmap`` over them; structural options (sizes, counts, names) are static Python values.
 
 Gradient-like rules (backprop, node perturbation, forward gradient, ...) only write an
-*estimator* ``estimate(key, variables, batch) -> (grads, aux)`` and get the rest from
-``gradient_rule``: any optax optimizer applies the estimate, and decorrelation matrices are
-updated by their local rule after each step. Their ``LearningRule.estimate`` is exposed so that
-evaluation can compare the estimate with the true gradient.
+*estimator* ``estimate(key, variables, state, batch) -> (grads, aux, state)`` and get the rest
+from ``gradient_rule``: any optax optimizer applies the estimate, and decorrelation matrices are
+updated by their local rule after each step. An estimator that keeps state of its own (fixed
+random feedback matrices, say) passes ``init(key, variables)`` to ``gradient_rule``; a stateless
+one returns the state it was given (None). ``LearningRule.estimate`` exposes the estimate so that
+evaluation can compare it with the true gradient, and wrappers can add to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -36,36 +43,59 @@ import optax
 Variables = dict[str, Any]
 Batch = tuple[jax.Array, jax.Array]  # (inputs [B, ...], targets [B] or [B, K])
 Metrics = dict[str, jax.Array]
+Splits = Mapping[str, Batch]  # whole data splits by name ('train', 'val'), on the device
+SPLITS = ("train", "val")  # what a RuleSpec may declare
 
 
 class EstimateAux(NamedTuple):
     loss: jax.Array  # mean batch loss of the clean pass
-    inputs: tuple[jax.Array, ...] | None  # clean layer inputs z (for decorrelation), if layered
+    inputs: dict[str, jax.Array] | None  # clean layer inputs z by layer name, if layered
 
 
-Estimator = Callable[[jax.Array, Variables, Batch], tuple[Any, EstimateAux]]
+# estimate(key, variables, estimator_state, batch) -> (grads, EstimateAux, estimator_state)
+Estimator = Callable[[jax.Array, Variables, Any, Batch], tuple[Any, EstimateAux, Any]]
 
 
 class LearningRule(NamedTuple):
     init: Callable[[jax.Array, Variables], Any]
     step: Callable[[jax.Array, Variables, Any, Batch], tuple[Variables, Any, Metrics]]
-    estimate: Estimator | None = None  # gradient-like rules: the estimate of dL/dparams
+    # Gradient-like rules: estimate(key, variables, state, batch) -> (grads, aux, state), the
+    # estimate of dL/dparams from the rule's state, and that state with the estimator's part
+    # advanced (the optimizer's untouched).
+    estimate: Callable[[jax.Array, Variables, Any, Batch], tuple[Any, EstimateAux, Any]] | None = (
+        None
+    )
+
+
+def never(options: dict[str, Any]) -> bool:
+    del options
+    return False
 
 
 class RuleSpec(NamedTuple):
-    """A registry entry: how to build a rule and what it needs."""
+    """A registry entry: how to build a rule, what it needs and what a step costs.
 
-    factory: Callable[..., LearningRule]  # factory(model, task, optimizer, **options)
+    ``cost(model, options)`` is the work of one step in forward-pass equivalents over the step's
+    batch (a backward or jvp pass counts 2), from the model and the rule's options (a dict of
+    every option, defaults filled in); equal-compute comparisons and tables read it.
+    ``splits`` names the data splits the factory receives whole (``SPLITS``).
+    ``wants_x64(options)``: whether the rule solves in float64 where the platform has it (the
+    binaries then turn JAX's 64-bit mode on, ``altlearn.train.configure_jax``).
+    """
+
+    factory: Callable[..., LearningRule]  # factory(model, task, optimizer, data, **options)
     needs_layered: bool  # needs a LayeredModel (layer inputs / pre-activations)
-    uses_optimizer: bool  # hands an estimate to the configured optax optimizer
     summary: str  # one line for the README table
     source: str  # the paper (or 'baseline')
-    prefers_x64: bool = False  # solves in float64 where the platform has it (configure_jax)
+    cost: Callable[[Any, dict[str, Any]], float]  # forward-pass equivalents per step
+    splits: tuple[str, ...] = ()
+    wants_x64: Callable[[dict[str, Any]], bool] = never
 
 
 def rule_options(spec: RuleSpec) -> dict[str, Any]:
-    """A rule's options with their defaults (keyword arguments after model, task, optimizer)."""
-    params = list(inspect.signature(spec.factory).parameters.values())[3:]
+    """A rule's options with their defaults (the factory's arguments after model, task,
+    optimizer and data)."""
+    params = list(inspect.signature(spec.factory).parameters.values())[4:]
     return {p.name: p.default for p in params}
 
 
@@ -128,35 +158,44 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be > 0, got {value}.")
 
 
-def batch_loss(model: Any, task: Any, variables: Variables, x: jax.Array, y: jax.Array, key=None):
-    """(mean batch loss, clean layer inputs or None for a forward-only model).
+def batch_loss(model: Any, task: Any, variables: Variables, batch: Batch, key=None):
+    """(mean batch loss, clean layer inputs by layer name, or None for a forward-only model).
 
-    On a noisy system (``intrinsic_noise > 0``) the pass draws its intrinsic noise from ``key``.
+    On a noisy system (``intrinsic_noise > 0``) the pass draws its intrinsic noise from ``key``;
+    without a key it is noise-free.
     """
+    x, y = batch
     if model.layered:
         out, trace = model.apply_layered(variables, x, key=key)
-        return jnp.mean(task.loss(out, y)), trace.inputs
+        return jnp.mean(task.loss(out, y)), model.named(trace.inputs)
     return jnp.mean(task.loss(model.apply(variables, x), y)), None
+
+
+def params_loss(model: Any, task: Any, variables: Variables, batch: Batch) -> Callable:
+    """``params -> mean batch loss`` of the model with those params (and ``variables``' other
+    collections) on ``batch``, noise-free: the fitness of a population member, the function
+    whose ``jax.grad`` is the true gradient."""
+    return lambda params: batch_loss(model, task, {**variables, "params": params}, batch)[0]
 
 
 class GradientRuleState(NamedTuple):
     opt_state: optax.OptState
     count: jax.Array  # int32 [], steps taken
+    estimator: Any = None  # the estimator's own state (None for a stateless estimator)
 
 
 def decorrelation_update(
-    decor: dict[str, jax.Array], inputs: tuple[jax.Array, ...], rate: Any
+    decor: dict[str, jax.Array], inputs: dict[str, jax.Array], rate: Any
 ) -> dict[str, jax.Array]:
-    """R <- R - rate * C R with C = (1/B) Z^T Z, diagonal zeroed (RULES.md section 1).
+    """R <- R - rate * C R with C = (1/B) Z^T Z, diagonal zeroed (docs/RULES.md).
 
-    ``inputs[l]`` is the clean decorrelated input Z = H R^T of layer l, shape [B, D]. C R costs
-    O(D^3) formed directly but O(B D^2) as Z^T (Z R) / B - diag(C) R; the cheaper form is
+    ``inputs[name]`` is the clean decorrelated input Z = H R^T of that layer, shape [B, D]. C R
+    costs O(D^3) formed directly but O(B D^2) as Z^T (Z R) / B - diag(C) R; the cheaper form is
     picked from the shapes (docs/BENCHMARKS.md has the measured difference).
     """
     new = {}
-    for i, z in enumerate(inputs):
-        name = f"layer_{i}"
-        r = decor[name]
+    for name, r in decor.items():
+        z = inputs[name]
         batch, width = z.shape
         if batch < width:
             diag = jnp.mean(jnp.square(z), axis=0)
@@ -173,21 +212,29 @@ def gradient_rule(
     optimizer: optax.GradientTransformation,
     decorrelation_rate: Any = 0.0,
     decorrelation_every: int = 1,
+    init: Callable[[jax.Array, Variables], Any] | None = None,
 ) -> LearningRule:
     """Builds a rule that applies ``estimate``'s gradient with ``optimizer``.
 
+    ``estimate(key, variables, state, batch) -> (grads, EstimateAux, state)``; ``init(key,
+    variables)`` is the estimator's initial state (None: the estimator keeps none and gets None).
     If the variables hold decorrelation matrices they are updated by their local rule at
     ``decorrelation_rate``, outside the optimizer, after every ``decorrelation_every``-th step
     (1: every step; more amortises its cost, see docs/RESULTS.md).
     """
     check_count("decorrelation_every", decorrelation_every)
 
-    def init(key: jax.Array, variables: Variables) -> GradientRuleState:
-        del key
-        return GradientRuleState(optimizer.init(variables["params"]), jnp.zeros((), jnp.int32))
+    def rule_init(key: jax.Array, variables: Variables) -> GradientRuleState:
+        estimator = None if init is None else init(key, variables)
+        count = jnp.zeros((), jnp.int32)
+        return GradientRuleState(optimizer.init(variables["params"]), count, estimator)
+
+    def rule_estimate(key, variables, state, batch):
+        grads, aux, estimator = estimate(key, variables, state.estimator, batch)
+        return grads, aux, state._replace(estimator=estimator)
 
     def step(key, variables, state, batch):
-        grads, aux = estimate(key, variables, batch)
+        grads, aux, state = rule_estimate(key, variables, state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, variables["params"])
         new = {**variables, "params": optax.apply_updates(variables["params"], updates)}
         if "decorrelation" in variables:
@@ -201,6 +248,7 @@ def gradient_rule(
                     lambda d: d,
                     variables["decorrelation"],
                 )
-        return new, GradientRuleState(opt_state, state.count + 1), {"loss": aux.loss}
+        state = state._replace(opt_state=opt_state, count=state.count + 1)
+        return new, state, {"loss": aux.loss}
 
-    return LearningRule(init, step, estimate)
+    return LearningRule(rule_init, step, rule_estimate)

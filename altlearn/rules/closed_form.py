@@ -45,6 +45,7 @@ Metrics per step: ``loss`` (before the step), ``loss_output_solved`` (after step
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -54,7 +55,7 @@ from absl import logging
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import Batch, LearningRule, Metrics, Variables
+from altlearn.rules.base import Batch, LearningRule, Metrics, RuleSpec, Splits, Variables
 
 DTYPES = ("auto", "float64", "float32")
 SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu")
@@ -184,6 +185,7 @@ def closed_form(
     model: Model,
     task: Task,
     optimizer: optax.GradientTransformation,
+    data: Splits,
     ridge: float = 1e-8,
     max_backtracks: int = 10,
     dtype: str = "auto",
@@ -197,7 +199,7 @@ def closed_form(
     ``chunk_size`` (samples per accumulation chunk of the hidden normal matrix; 0 picks the
     largest that keeps one chunk of U within ``memory_budget_mb``). The optimizer is unused.
     """
-    del optimizer
+    del optimizer, data
     _check_model(model, task)
     if int(max_backtracks) < 0:
         raise ValueError(f"max_backtracks must be >= 0, got {max_backtracks}.")
@@ -218,20 +220,21 @@ def closed_form(
     alpha = model.negative_slope if model.activation == "leaky_relu" else 0.0
     num_outputs = model.layers[-1].module.features
     itemsize = jnp.dtype(dt).itemsize
+    first, second = model.layer_names
 
     def unpack(variables: Variables) -> tuple[jax.Array, jax.Array]:
         p = variables["params"]
-        hidden = jnp.concatenate([p["layer_0"]["kernel"], p["layer_0"]["bias"][None]]).T
-        output = jnp.concatenate([p["layer_1"]["kernel"], p["layer_1"]["bias"][None]])
+        hidden = jnp.concatenate([p[first]["kernel"], p[first]["bias"][None]]).T
+        output = jnp.concatenate([p[second]["kernel"], p[second]["bias"][None]])
         return hidden.astype(dt), output.astype(dt)
 
     def pack(variables: Variables, hidden: jax.Array, output: jax.Array) -> Variables:
         p = variables["params"]
-        kd, kb = p["layer_0"]["kernel"].dtype, p["layer_1"]["kernel"].dtype
+        kd, kb = p[first]["kernel"].dtype, p[second]["kernel"].dtype
         params = {
             **p,
-            "layer_0": {"kernel": hidden[:, :-1].T.astype(kd), "bias": hidden[:, -1].astype(kd)},
-            "layer_1": {"kernel": output[:-1].astype(kb), "bias": output[-1].astype(kb)},
+            first: {"kernel": hidden[:, :-1].T.astype(kd), "bias": hidden[:, -1].astype(kd)},
+            second: {"kernel": output[:-1].astype(kb), "bias": output[-1].astype(kb)},
         }
         return {**variables, "params": params}
 
@@ -264,13 +267,12 @@ def closed_form(
         targets = _targets(y, num_outputs, dt)
         # The master copy unless the model's parameters were changed outside the rule.
         given_hidden, given_output = unpack(variables)
+        params = variables["params"]
         ours = jnp.all(
-            state.hidden.astype(variables["params"]["layer_0"]["kernel"].dtype).astype(dt)
-            == given_hidden
+            state.hidden.astype(params[first]["kernel"].dtype).astype(dt) == given_hidden
         )
         ours &= jnp.all(
-            state.output.astype(variables["params"]["layer_1"]["kernel"].dtype).astype(dt)
-            == given_output
+            state.output.astype(params[second]["kernel"].dtype).astype(dt) == given_output
         )
         hidden = jnp.where(ours, state.hidden, given_hidden)
         output = jnp.where(ours, state.output, given_output)
@@ -355,6 +357,30 @@ def _check_model(model: Model, task: Task) -> None:
     if problems:
         raise ValueError(f"{supported}; here {', '.join(problems)}.")
 
+
+def cost(model: Model, options: dict[str, Any]) -> float:
+    """An alternation in forward-pass equivalents, by FLOPs: the hidden normal matrix
+    (2 n (h(d+1))^2), two output solves' Gram matrices (2 n (h+1)^2 each) and two forward passes
+    (2 n (d h + h K) each), over one forward pass; a line-search trial adds an output solve and
+    a forward pass, and the Cholesky ((h(d+1))^3 / 3, independent of n) is not counted."""
+    del options
+    d = math.prod(model.input_shape or (0,))
+    h = int(model.layers[0].module.features)
+    k = int(model.layers[-1].module.features)
+    forward = d * h + h * k
+    return 2.0 + ((h * (d + 1)) ** 2 + 2 * (h + 1) ** 2) / max(forward, 1)
+
+
+SPEC = RuleSpec(
+    closed_form,
+    needs_layered=True,
+    summary="two-layer ReLU/leaky MLP, square loss: alternating closed-form solves of the "
+    "output layer (ridge) and the hidden layer (activation pattern frozen, block-structured "
+    "normal equations, Cholesky), backtracked so the loss never rises; float64, full batch",
+    source="paper 002 (Barbu, arXiv 2304.02972)",
+    cost=cost,
+    wants_x64=lambda options: options.get("dtype", "auto") != "float32",
+)
 
 __all__ = [
     "ClosedFormState",

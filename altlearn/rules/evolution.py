@@ -66,20 +66,23 @@ from jax.flatten_util import ravel_pytree
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import (
-    Batch,
-    LearningRule,
-    Metrics,
-    Variables,
-    check_count,
-    check_positive,
-    with_rng_mode,
-)
-from altlearn.rules.population import (
+from altlearn.rules._population import (
     activation_bytes,
     chunk_size_for,
     evaluate_population,
     population_sharding,
+)
+from altlearn.rules.base import (
+    Batch,
+    LearningRule,
+    Metrics,
+    RuleSpec,
+    Splits,
+    Variables,
+    check_count,
+    check_positive,
+    params_loss,
+    with_rng_mode,
 )
 
 STRATEGIES: dict[str, type] = dict(sorted(EVOSAX_ALGORITHMS.items(), key=lambda kv: kv[0].lower()))
@@ -233,6 +236,7 @@ def evolution(
     model: Model,
     task: Task,
     optimizer: optax.GradientTransformation,
+    data: Splits,
     strategy: str = "Open_ES",
     population_size: int = 64,
     strategy_kwargs: dict | None = None,
@@ -260,6 +264,7 @@ def evolution(
     MiB on the mnist1d MLP (docs/BENCHMARKS.md), where the unchunked activations no longer fit
     in cache.
     """
+    del data
     kwargs = dict(strategy_kwargs or {})
     params_in = dict(strategy_params or {})
     cls, std_schedule = _check_strategy_options(strategy, kwargs, params_in)
@@ -301,96 +306,130 @@ def evolution(
         noise = jax.random.normal(key, (count, flat.size), flat.dtype)
         return jax.vmap(unravel)(flat + init_scale * noise)
 
-    def init(key: jax.Array, variables: Variables) -> EvolutionState:
-        params = variables["params"]
-        es, es_params = build(params)
-        key_init, key_population = jax.random.split(key)
-        if population_based:  # a placeholder fitness: the first step evaluates and re-inits
-            population = around(key_population, params, population_size)
-            fitness = jnp.full((population_size,), jnp.inf)
-            es_state = es.init(key_init, population, fitness, es_params)
-            return EvolutionState(_strong(es_state), jnp.zeros((), bool))
-        mean = around(key_population, params, num_means) if num_means else params
-        return EvolutionState(_strong(es.init(key_init, mean, es_params)), None)
-
-    def step(
-        key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
-    ) -> tuple[Variables, EvolutionState, Metrics]:
-        x, y = batch
-        params = variables["params"]
-        es, es_params = build(params)
-        key_ask, key_tell = jax.random.split(key)
-
-        def fitness_fn(member: Any) -> jax.Array:
-            return jnp.mean(task.loss(model.apply({**variables, "params": member}, x), y))
-
-        loss = fitness_fn(params)
-        if population_based:
-            population, es_state = jax.lax.cond(
-                state.evaluated,
-                lambda s: es.ask(key_ask, s, es_params),
-                lambda s: (es.get_population(s), s),
-                state.es_state,
-            )
-        else:
-            population, es_state = es.ask(key_ask, state.es_state, es_params)
-
+    def evaluate(variables: Variables, batch: Batch, population: Any):
+        """(raw losses [total], fitness [total] with non-finite losses replaced, finite mask)."""
+        fitness_fn = params_loss(model, task, variables, batch)
         chunk = total
         if memory_budget_mb > 0:
-            member_bytes = activation_bytes(model.apply, variables, x)
+            member_bytes = activation_bytes(model.apply, variables, batch[0])
             per_device = chunk_size_for(total // num_devices, member_bytes, memory_budget_mb)
             chunk = per_device * num_devices
         raw = evaluate_population(fitness_fn, population, chunk, sharding)
-
         finite = jnp.isfinite(raw)
         worst = jnp.max(jnp.where(finite, raw, -jnp.inf))
         worst = jnp.where(jnp.any(finite), worst + 1.0, UNFIT_FITNESS)
-        fitness = jnp.where(finite, raw, worst)
+        return raw, jnp.where(finite, raw, worst), finite
 
-        if population_based:
-            es_state = jax.lax.cond(
-                state.evaluated,
-                lambda s: es.tell(key_tell, population, fitness, s, es_params)[0],
-                lambda s: es.init(key_tell, population, fitness, es_params),
-                es_state,
-            )
-            best = jnp.argmin(fitness)
-            better = finite[best] & ~(raw[best] >= loss)  # accepts when ``loss`` is NaN
-            new_params = jax.tree.map(
-                lambda pop, p: jnp.where(better, pop[best], p), population, params
-            )
-            new_state = EvolutionState(_strong(es_state), jnp.ones((), bool))
-        else:
-            if num_means:  # SV strategies ask [M * P] members but tell [M, P]
-                population = jax.tree.map(
-                    lambda a: a.reshape(num_means, population_size, *a.shape[1:]), population
-                )
-            told, _ = es.tell(key_tell, population, fitness, es_state, es_params)
-            # A strategy whose mean turns non-finite (seen: Sep_CMA_ES after its step size
-            # collapsed) has broken down: keep the last finite state, so the reported params
-            # stay the last finite mean, and flag it in ``metrics['strategy_nonfinite']``.
-            healthy = jnp.all(jnp.isfinite(told.mean))
-            es_state = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), told, es_state)
-            _, unravel = ravel_pytree(params)
-            if num_means:
-                by_mean = jnp.mean(fitness.reshape(num_means, population_size), axis=1)
-                new_params = unravel(es_state.mean[jnp.argmin(by_mean)])
-            else:
-                new_params = unravel(es_state.mean)
-            new_state = EvolutionState(_strong(es_state), None)
-
+    def generation_metrics(loss: jax.Array, raw: jax.Array, finite: jax.Array) -> Metrics:
         count = jnp.sum(finite)
         mean = jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(count, 1)
         var = jnp.sum(jnp.where(finite, jnp.square(raw - mean), 0.0)) / jnp.maximum(count, 1)
-        metrics = {
+        return {
             "loss": loss,
             "fitness_best": jnp.min(jnp.where(finite, raw, jnp.inf)),
             "fitness_mean": jnp.where(count > 0, mean, jnp.nan),
             "fitness_std": jnp.where(count > 0, jnp.sqrt(var), jnp.nan),
             "nan_fitness": (total - count).astype(jnp.int32),
         }
-        if not population_based:
-            metrics["strategy_nonfinite"] = (~healthy).astype(jnp.int32)
+
+    # DISTRIBUTION-BASED strategies: init(key, mean); the reported params are the mean.
+    def init_distribution(key: jax.Array, variables: Variables) -> EvolutionState:
+        params = variables["params"]
+        es, es_params = build(params)
+        key_init, key_means = jax.random.split(key)
+        mean = around(key_means, params, num_means) if num_means else params
+        return EvolutionState(_strong(es.init(key_init, mean, es_params)), None)
+
+    def step_distribution(
+        key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
+    ) -> tuple[Variables, EvolutionState, Metrics]:
+        params = variables["params"]
+        es, es_params = build(params)
+        key_ask, key_tell = jax.random.split(key)
+        loss = params_loss(model, task, variables, batch)(params)
+        population, es_state = es.ask(key_ask, state.es_state, es_params)
+        raw, fitness, finite = evaluate(variables, batch, population)
+        if num_means:  # SV strategies ask [M * P] members but tell [M, P]
+            population = jax.tree.map(
+                lambda a: a.reshape(num_means, population_size, *a.shape[1:]), population
+            )
+        told, _ = es.tell(key_tell, population, fitness, es_state, es_params)
+        # A strategy whose mean turns non-finite (seen: Sep_CMA_ES after its step size
+        # collapsed) has broken down: keep the last finite state, so the reported params stay
+        # the last finite mean, and flag it in ``metrics['strategy_nonfinite']``.
+        healthy = jnp.all(jnp.isfinite(told.mean))
+        es_state = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), told, es_state)
+        _, unravel = ravel_pytree(params)
+        if num_means:
+            by_mean = jnp.mean(fitness.reshape(num_means, population_size), axis=1)
+            new_params = unravel(es_state.mean[jnp.argmin(by_mean)])
+        else:
+            new_params = unravel(es_state.mean)
+        metrics = generation_metrics(loss, raw, finite)
+        metrics["strategy_nonfinite"] = (~healthy).astype(jnp.int32)
+        new_state = EvolutionState(_strong(es_state), None)
         return {**variables, "params": new_params}, new_state, metrics
 
-    return with_rng_mode(LearningRule(init, step), rng_partitionable)
+    # POPULATION-BASED strategies: init(key, population, fitness) needs an evaluated population,
+    # which init cannot make (it sees no batch); the first step evaluates it and re-inits.
+    def init_population(key: jax.Array, variables: Variables) -> EvolutionState:
+        params = variables["params"]
+        es, es_params = build(params)
+        key_init, key_population = jax.random.split(key)
+        population = around(key_population, params, population_size)
+        fitness = jnp.full((population_size,), jnp.inf)  # a placeholder
+        es_state = es.init(key_init, population, fitness, es_params)
+        return EvolutionState(_strong(es_state), jnp.zeros((), bool))
+
+    def step_population(
+        key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
+    ) -> tuple[Variables, EvolutionState, Metrics]:
+        params = variables["params"]
+        es, es_params = build(params)
+        key_ask, key_tell = jax.random.split(key)
+        loss = params_loss(model, task, variables, batch)(params)
+        population, es_state = jax.lax.cond(
+            state.evaluated,
+            lambda s: es.ask(key_ask, s, es_params),
+            lambda s: (es.get_population(s), s),
+            state.es_state,
+        )
+        raw, fitness, finite = evaluate(variables, batch, population)
+        es_state = jax.lax.cond(
+            state.evaluated,
+            lambda s: es.tell(key_tell, population, fitness, s, es_params)[0],
+            lambda s: es.init(key_tell, population, fitness, es_params),
+            es_state,
+        )
+        # Elitist on the batch: the generation's best replaces the params only if it beats them.
+        best = jnp.argmin(fitness)
+        better = finite[best] & ~(raw[best] >= loss)  # accepts when ``loss`` is NaN
+        new_params = jax.tree.map(
+            lambda pop, p: jnp.where(better, pop[best], p), population, params
+        )
+        new_state = EvolutionState(_strong(es_state), jnp.ones((), bool))
+        return {**variables, "params": new_params}, new_state, generation_metrics(loss, raw, finite)
+
+    if population_based:
+        rule = LearningRule(init_population, step_population)
+    else:
+        rule = LearningRule(init_distribution, step_distribution)
+    return with_rng_mode(rule, rng_partitionable)
+
+
+def cost(model: Model, options: dict[str, Any]) -> float:
+    """The incoming params' loss and one evaluation per member (every sub-population's, for
+    the Stein-variational strategies)."""
+    del model
+    means = int((options["strategy_kwargs"] or {}).get("num_populations", 1))
+    return 1.0 + int(options["population_size"]) * means
+
+
+SPEC = RuleSpec(
+    evolution,
+    needs_layered=False,
+    summary="any evosax strategy (Open_ES, SNES, Sep_CMA_ES, PGPE, PSO, DE, GAs, ...) over the "
+    "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
+    source="evosax (Lange 2023)",
+    cost=cost,
+)

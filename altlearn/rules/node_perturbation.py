@@ -23,10 +23,6 @@ pre-activations, both from one ``jax.jvp`` w.r.t. the node noise at zero.
 
 ``num_noise_samples`` noisy passes share one clean pass (vmapped) and their estimates are
 averaged. On a model with decorrelation matrices these are DNP, DANP and DINP.
-
-Relatives from the same machinery: ``weight_perturbation`` (noise on the weights, two passes)
-and ``forward_gradient`` (Baydin et al. 2022, "Gradients without backpropagation": the
-weight-space directional derivative along v ~ N(0, I), g = (grad L . v) v, one jvp).
 """
 
 from __future__ import annotations
@@ -43,7 +39,8 @@ from altlearn.models import LayeredModel, Model
 from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
-    batch_loss,
+    RuleSpec,
+    Splits,
     check_count,
     check_positive,
     gradient_rule,
@@ -67,8 +64,7 @@ def _sum_units(x: jax.Array) -> jax.Array:
 def _layer_local_grads(model: LayeredModel, params, inputs, errors) -> dict[str, Any]:
     """G_l = -(1/B) sum_n J_l(z_clean)^T e_{l,n}: the VJP of each layer at its clean input."""
     grads = {}
-    for i, (z, e) in enumerate(zip(inputs, errors)):
-        name = f"layer_{i}"
+    for i, (name, z, e) in enumerate(zip(model.layer_names, inputs, errors)):
         _, vjp = jax.vjp(lambda p, i=i, z=z: model.layer_apply(i, p, z), params[name])
         (grads[name],) = vjp(-e / z.shape[0])
     return grads
@@ -78,6 +74,7 @@ def node_perturbation(
     model: Model,
     task: Task,
     optimizer: optax.GradientTransformation,
+    data: Splits,
     variant: str = "np",
     mode: str = "finite_difference",
     sigma: Any = 1e-3,
@@ -89,8 +86,9 @@ def node_perturbation(
     """Node perturbation (``variant`` np, anp or inp) in ``mode`` finite_difference or jvp.
 
     ``rng_partitionable``: the threefry mode of the noise (``base.rng_mode``; ``"auto"``: the
-    classic mode on CPU, where it draws normals 3x faster; the same for the two rules below).
+    classic mode on CPU, where it draws normals 3x faster).
     """
+    del data
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}.")
     if mode not in MODES:
@@ -98,7 +96,7 @@ def node_perturbation(
     check_positive("sigma", sigma)
     check_count("num_noise_samples", num_noise_samples)
 
-    def estimate(key, variables, batch):
+    def estimate(key, variables, state, batch):
         x, y = batch
         key_clean, key_noise = jax.random.split(key)
 
@@ -150,87 +148,25 @@ def node_perturbation(
         samples = jax.vmap(errors_one_sample)(jax.random.split(key_noise, num_noise_samples))
         errors = [jnp.mean(e, axis=0) for e in samples]
         grads = _layer_local_grads(model, variables["params"], clean.inputs, errors)
-        return grads, EstimateAux(jnp.mean(loss_clean), clean.inputs)
+        return grads, EstimateAux(jnp.mean(loss_clean), model.named(clean.inputs)), state
 
     rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
     return with_rng_mode(rule, rng_partitionable)
 
 
-def weight_perturbation(
-    model: Model,
-    task: Task,
-    optimizer: optax.GradientTransformation,
-    sigma: Any = 1e-3,
-    num_noise_samples: int = 1,
-    decorrelation_rate: Any = 1e-3,
-    decorrelation_every: int = 1,
-    rng_partitionable: str = "auto",
-) -> LearningRule:
-    """Weight perturbation: G = -(L(theta) - L(theta + eps)) eps / sigma^2, eps ~ N(0, sigma^2 I).
-
-    The noise is shared by the whole batch (the weights are), so the batch-mean loss is used.
-    """
-    check_positive("sigma", sigma)
-    check_count("num_noise_samples", num_noise_samples)
-
-    def estimate(key, variables, batch):
-        x, y = batch
-        key_clean, key_noise = jax.random.split(key)
-        loss_clean, inputs = batch_loss(model, task, variables, x, y, key_clean)
-        params = variables["params"]
-        leaves, treedef = jax.tree.flatten(params)
-
-        def one_sample(key_sample):
-            key_eps, key_system = jax.random.split(key_sample)
-            keys = jax.random.split(key_eps, len(leaves))
-            eps = [sigma * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
-            eps = jax.tree.unflatten(treedef, eps)
-            noisy = {**variables, "params": jax.tree.map(jnp.add, params, eps)}
-            dl = loss_clean - batch_loss(model, task, noisy, x, y, key_system)[0]
-            return jax.tree.map(lambda e: -dl * e / sigma**2, eps)
-
-        grads = jax.vmap(one_sample)(jax.random.split(key_noise, num_noise_samples))
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        return grads, EstimateAux(loss_clean, inputs)
-
-    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
-    return with_rng_mode(rule, rng_partitionable)
+def cost(model: Model, options: dict[str, Any]) -> float:
+    """The clean pass and, per noise sample, one noisy pass (inp: one per layer); in jvp mode a
+    noisy pass is a jvp pass (2). The layer-local weight products are not counted."""
+    noisy = model.num_layers if options["variant"] == "inp" else 1
+    per_pass = 2 if options["mode"] == "jvp" else 1
+    return 1.0 + per_pass * int(options["num_noise_samples"]) * noisy
 
 
-def forward_gradient(
-    model: Model,
-    task: Task,
-    optimizer: optax.GradientTransformation,
-    num_noise_samples: int = 1,
-    decorrelation_rate: Any = 1e-3,
-    decorrelation_every: int = 1,
-    rng_partitionable: str = "auto",
-) -> LearningRule:
-    """Forward gradient (Baydin et al. 2022): g = (dL/dtheta . v) v, v ~ N(0, I), by one jvp.
-
-    Unbiased for the gradient of the batch loss; ``num_noise_samples`` tangents are averaged.
-    """
-    check_count("num_noise_samples", num_noise_samples)
-
-    def estimate(key, variables, batch):
-        x, y = batch
-        key_system, key_noise = jax.random.split(key)
-        params = variables["params"]
-        leaves, treedef = jax.tree.flatten(params)
-        f = lambda p: batch_loss(model, task, {**variables, "params": p}, x, y, key_system)
-
-        def one_sample(k):
-            keys = jax.random.split(k, len(leaves))
-            v = [jax.random.normal(kk, p.shape, p.dtype) for kk, p in zip(keys, leaves)]
-            v = jax.tree.unflatten(treedef, v)
-            (loss, inputs), (directional, _) = jax.jvp(f, (params,), (v,))
-            return jax.tree.map(lambda t: directional * t, v), loss, inputs
-
-        grads, loss, inputs = jax.vmap(one_sample, out_axes=(0, None, None))(
-            jax.random.split(key_noise, num_noise_samples)
-        )
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        return grads, EstimateAux(loss, inputs)
-
-    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
-    return with_rng_mode(rule, rng_partitionable)
+SPEC = RuleSpec(
+    node_perturbation,
+    needs_layered=True,
+    summary="noise on every pre-activation, learning from the per-sample loss change "
+    "(variants np, anp, inp; finite difference or jvp); DNP/DANP/DINP on a decorrelated model",
+    source="paper 003 (Dalm et al., arXiv 2310.00965)",
+    cost=cost,
+)

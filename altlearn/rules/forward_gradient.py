@@ -1,0 +1,90 @@
+"""Forward gradient: the weight-space directional derivative along a random tangent.
+
+Baydin, Pearlmutter, Syme, Wood, Torr, "Gradients without backpropagation" (arXiv 2202.08587,
+2022). With v ~ N(0, I) over every parameter, the directional derivative of the mean batch loss
+along v comes from one forward-mode pass (``jax.jvp``), and
+
+    g = (dL/dtheta . v) v
+
+is an unbiased estimate of dL/dtheta (E[v v^T] = I), handed to the optimizer as a gradient;
+``num_noise_samples`` tangents are averaged. One jvp pass (about two forward passes) per tangent.
+The tangents are drawn in the threefry mode of ``rng_partitionable``
+(``altlearn.rules.base.rng_mode``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from altlearn.losses import Task
+from altlearn.models import Model
+from altlearn.rules.base import (
+    EstimateAux,
+    LearningRule,
+    RuleSpec,
+    Splits,
+    batch_loss,
+    check_count,
+    gradient_rule,
+    with_rng_mode,
+)
+
+
+def forward_gradient(
+    model: Model,
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    data: Splits,
+    num_noise_samples: int = 1,
+    decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
+    rng_partitionable: str = "auto",
+) -> LearningRule:
+    """Forward gradient (Baydin et al. 2022): g = (dL/dtheta . v) v, v ~ N(0, I), by one jvp.
+
+    Unbiased for the gradient of the batch loss; ``num_noise_samples`` tangents are averaged.
+    ``decorrelation_rate``/``decorrelation_every`` act on decorrelated models only.
+    """
+    del data
+    check_count("num_noise_samples", num_noise_samples)
+
+    def estimate(key, variables, state, batch):
+        key_system, key_noise = jax.random.split(key)
+        params = variables["params"]
+        leaves, treedef = jax.tree.flatten(params)
+        f = lambda p: batch_loss(model, task, {**variables, "params": p}, batch, key_system)
+
+        def one_sample(k):
+            keys = jax.random.split(k, len(leaves))
+            v = [jax.random.normal(kk, p.shape, p.dtype) for kk, p in zip(keys, leaves)]
+            v = jax.tree.unflatten(treedef, v)
+            (loss, inputs), (directional, _) = jax.jvp(f, (params,), (v,))
+            return jax.tree.map(lambda t: directional * t, v), loss, inputs
+
+        grads, loss, inputs = jax.vmap(one_sample, out_axes=(0, None, None))(
+            jax.random.split(key_noise, num_noise_samples)
+        )
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        return grads, EstimateAux(loss, inputs), state
+
+    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return with_rng_mode(rule, rng_partitionable)
+
+
+def cost(model: Model, options: dict[str, Any]) -> float:
+    """One jvp pass (2) per tangent."""
+    del model
+    return 2.0 * int(options["num_noise_samples"])
+
+
+SPEC = RuleSpec(
+    forward_gradient,
+    needs_layered=False,
+    summary="weight-space directional derivative along a random tangent (one jvp)",
+    source="Baydin et al. 2022 (arXiv 2202.08587)",
+    cost=cost,
+)

@@ -1,0 +1,93 @@
+"""Weight perturbation: learning from the loss change that noise on the weights causes.
+
+A relative of node perturbation (paper 003, Dalm et al., arXiv 2310.00965, discusses both; the
+rule goes back to Jabri & Flower 1992). With eps ~ N(0, sigma^2 I) over every parameter, shared
+by the whole batch, and dL = L(theta) - L(theta + eps) the change of the mean batch loss,
+
+    G = -dL eps / sigma^2,
+
+an estimate of dL/dtheta (unbiased as sigma -> 0: E[eps eps^T] = sigma^2 I) handed to the
+optimizer as a gradient; ``num_noise_samples`` perturbations sharing one clean pass are
+averaged. Two forward passes per sample. The noise is drawn in the threefry mode of
+``rng_partitionable`` (``altlearn.rules.base.rng_mode``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from altlearn.losses import Task
+from altlearn.models import Model
+from altlearn.rules.base import (
+    EstimateAux,
+    LearningRule,
+    RuleSpec,
+    Splits,
+    batch_loss,
+    check_count,
+    check_positive,
+    gradient_rule,
+    with_rng_mode,
+)
+
+
+def weight_perturbation(
+    model: Model,
+    task: Task,
+    optimizer: optax.GradientTransformation,
+    data: Splits,
+    sigma: Any = 1e-3,
+    num_noise_samples: int = 1,
+    decorrelation_rate: Any = 1e-3,
+    decorrelation_every: int = 1,
+    rng_partitionable: str = "auto",
+) -> LearningRule:
+    """Weight perturbation: G = -(L(theta) - L(theta + eps)) eps / sigma^2, eps ~ N(0, sigma^2 I).
+
+    The noise is shared by the whole batch (the weights are), so the batch-mean loss is used.
+    ``decorrelation_rate``/``decorrelation_every`` act on decorrelated models only.
+    """
+    del data
+    check_positive("sigma", sigma)
+    check_count("num_noise_samples", num_noise_samples)
+
+    def estimate(key, variables, state, batch):
+        key_clean, key_noise = jax.random.split(key)
+        loss_clean, inputs = batch_loss(model, task, variables, batch, key_clean)
+        params = variables["params"]
+        leaves, treedef = jax.tree.flatten(params)
+
+        def one_sample(key_sample):
+            key_eps, key_system = jax.random.split(key_sample)
+            keys = jax.random.split(key_eps, len(leaves))
+            eps = [sigma * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)]
+            eps = jax.tree.unflatten(treedef, eps)
+            noisy = {**variables, "params": jax.tree.map(jnp.add, params, eps)}
+            dl = loss_clean - batch_loss(model, task, noisy, batch, key_system)[0]
+            return jax.tree.map(lambda e: -dl * e / sigma**2, eps)
+
+        grads = jax.vmap(one_sample)(jax.random.split(key_noise, num_noise_samples))
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        return grads, EstimateAux(loss_clean, inputs), state
+
+    rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return with_rng_mode(rule, rng_partitionable)
+
+
+def cost(model: Model, options: dict[str, Any]) -> float:
+    """The clean pass and one perturbed pass per noise sample."""
+    del model
+    return 1.0 + int(options["num_noise_samples"])
+
+
+SPEC = RuleSpec(
+    weight_perturbation,
+    needs_layered=False,
+    summary="noise on the weights, loss change between two forward passes",
+    source="relative of paper 003",
+    cost=cost,
+)

@@ -1,15 +1,21 @@
-"""Markdown tables of the registries, for the README.
+"""Documents generated from the registries: the README's tables and docs/RULES.md.
 
-    python -m altlearn.docs            # print the tables
-    python -m altlearn.docs README.md  # rewrite the block between the registry markers
+    python -m altlearn.docs                        # print the README's tables
+    python -m altlearn.docs README.md              # rewrite the block between the markers
+    python -m altlearn.docs --rules docs/RULES.md  # rewrite the rules' specification
 
-A test checks that the README holds exactly what this prints, so the README cannot drift from
-the registries.
+docs/RULES.md is each registered rule's module docstring (its specification: equations, paper,
+the decisions taken where the paper is silent), its factory's docstring (the options) and its
+registry entry, in registry order. Tests check that both files hold exactly what this writes,
+so neither can drift from the code.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
+import textwrap
 from pathlib import Path
 
 from altlearn import data, models, rules
@@ -66,8 +72,66 @@ def render_into(text: str) -> str:
     return f"{head}{START}\n{registry_tables()}\n{END}{tail}"
 
 
+RULES_INTRO = """# The learning rules
+
+Generated from the code by `python -m altlearn.docs --rules docs/RULES.md`: each rule's module
+docstring (what it computes, the paper it comes from, and the decisions we took where the paper
+is silent, with the measurements behind them), its options and its registry entry. A test fails
+if this file drifts from the code.
+
+Notation: a network of L layers; layer l takes the input z_{l-1} (the previous layer's output
+h_{l-1} after flattening or pooling and, on a decorrelated model, the matrix R_l; h_0 = x),
+computes the pre-activation a_l = layer_l(params_l, z_{l-1}) and h_l = f(a_l); the last layer
+has no f. B is the batch size; l_n the loss of sample n; the batch loss is their mean. Costs
+are in forward-pass equivalents over the step's batch (a backward or jvp pass counts 2).
+
+| rule | module | source | needs layers | data splits |
+|---|---|---|---|---|
+"""
+
+
+def _doc(obj) -> str:
+    return textwrap.dedent(inspect.getdoc(obj) or "").strip()
+
+
+def _code(text: str) -> str:
+    """Indented blocks (equations) of a docstring as fenced code, so markdown keeps them."""
+    out, block = [], []
+    for line in text.splitlines():
+        if line.startswith("    ") and (block or not out or not out[-1].strip()):
+            block.append(line[4:])
+            continue
+        if block:
+            out += ["```", *block, "```"]
+            block = []
+        out.append(line)
+    if block:
+        out += ["```", *block, "```"]
+    return "\n".join(out)
+
+
+def rules_document() -> str:
+    """docs/RULES.md: the specification of every registered rule."""
+    lines = [RULES_INTRO.rstrip("\n")]
+    for name, spec in rules.RULES.items():
+        module = spec.factory.__module__
+        layered = "yes" if spec.needs_layered else "no"
+        splits = ", ".join(spec.splits) or "-"
+        lines.append(f"| [`{name}`](#{name}) | `{module}` | {spec.source} | {layered} | {splits} |")
+    for name, spec in rules.RULES.items():
+        module = importlib.import_module(spec.factory.__module__)
+        options = rules.rule_options(spec)
+        lines += ["", f"## {name}", "", _code(_doc(module)), "", "### Options", ""]
+        lines += ["| option | default |", "|---|---|"]
+        lines += [f"| `{k}` | `{v!r}` |" for k, v in options.items()] or ["| - | - |"]
+        lines += ["", _code(_doc(spec.factory)), "", "### Cost per step", "", _doc(spec.cost)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
+    if len(argv) > 2 and argv[1] == "--rules":
+        Path(argv[2]).write_text(rules_document())
+    elif len(argv) > 1:
         path = Path(argv[1])
         path.write_text(render_into(path.read_text()))
     else:

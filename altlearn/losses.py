@@ -25,7 +25,7 @@ def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Half squared error summed over outputs; integer targets are one-hot encoded first.
 
     With integer labels this is the one-hot square loss used for classification by the
-    closed-form rule (RULES.md section 4).
+    closed-form rule (``closed_form``).
     """
     if jnp.issubdtype(targets.dtype, jnp.integer):
         targets = jax.nn.one_hot(targets, outputs.shape[-1], dtype=outputs.dtype)
@@ -59,11 +59,3 @@ def make_task(kind: str, loss_name: str = "auto") -> Task:
     if kind == "regression" and loss_name == "cross_entropy":
         raise ValueError("cross_entropy needs a classification dataset; use squared_error.")
     return Task(kind, loss_name, LOSSES[loss_name])
-
-
-def sums(task: Task, outputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
-    """Per-batch SUMS of loss (and correct predictions); divide by the count to get means."""
-    out = {"loss": jnp.sum(task.loss(outputs, targets))}
-    if task.is_classification:
-        out["accuracy"] = jnp.sum(jnp.argmax(outputs, axis=-1) == targets).astype(jnp.float32)
-    return out

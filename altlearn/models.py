@@ -4,7 +4,7 @@ A ``LayeredModel`` is a sequence of parametric layers (flax ``nn.Dense`` or ``nn
 maps its input z_{l-1} to the pre-activation a_l = layer_l(params_l, z_{l-1}) (+ optional node
 noise eps_l); h_l = f(a_l), and the last layer has no f. Parameter-free maps between layers
 (pooling, flattening) belong to the next layer's ``pre``. With ``decorrelation=True`` every dense
-layer applies a square, non-trainable matrix R_l to its input, z = R_l h (RULES.md section 1),
+layer applies a square, non-trainable matrix R_l to its input, z = R_l h (node perturbation's decorrelation),
 kept in the ``'decorrelation'`` collection next to ``'params'``.
 
 ``apply_layered`` returns each layer's input z and pre-activation a: node perturbation, per-neuron

@@ -1,4 +1,4 @@
-"""closed_form (paper 002, RULES.md section 4): the solves against numpy, planted-teacher
+"""closed_form (paper 002): the solves against numpy, planted-teacher
 recovery, a non-increasing loss, float32 mode and the errors for what it does not support.
 
 Every test runs in JAX's 64-bit mode through a context (never the global flag: other tests share

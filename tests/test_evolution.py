@@ -1,4 +1,4 @@
-"""Evolution strategies over network weights (RULES.md section 2): learning, the sign of the
+"""Evolution strategies over network weights (docs/RULES.md, evolution): learning, the sign of the
 fitness, sharded and chunked evaluation, NaN fitness, clear errors, jit/vmap."""
 
 import flax.linen as nn

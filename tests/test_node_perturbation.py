@@ -1,4 +1,4 @@
-"""Node perturbation family (RULES.md section 1): estimators against jax.grad, the layer-local
+"""Node perturbation family (paper 003): estimators against jax.grad, the layer-local
 update, decorrelation, every variant learning, and noisy systems."""
 
 import jax

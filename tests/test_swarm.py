@@ -1,4 +1,4 @@
-"""Particle swarms (RULES.md sections 2 and 3): whole-network PSO and per-neuron cooperative
+"""Particle swarms (docs/RULES.md, pso and neuron_pso): whole-network PSO and per-neuron cooperative
 PSO learn; the vmapped per-neuron step equals a plain loop over neurons; downstream-only
 evaluation equals a full forward pass; sharding, chunking, clamping, NaN handling and errors."""
 
@@ -75,7 +75,7 @@ def test_learns_on_digits(rule, overrides, max_train_loss, min_test_accuracy):
 
 
 def _reference_neuron_pso_step(model, variables, state, batch, key, coef, order):
-    """RULES.md section 3 by the letter: a Python loop over layers, neurons and particles,
+    """neuron_pso's specification by the letter: a Python loop over layers, neurons and particles,
     every fitness from a full forward pass."""
     params = dict(variables["params"])
     new_state = []

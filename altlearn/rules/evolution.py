@@ -1,4 +1,4 @@
-"""Evolution strategies and population methods over the whole parameter pytree (RULES.md section 2).
+"""Evolution strategies and population methods over the whole parameter pytree.
 
 Any strategy of evosax (Lange, "evosax: JAX-based evolution strategies", GECCO 2023; 37 in
 evosax 0.3.2, each citing its own paper in its module: OpenAI-ES, Salimans et al. 2017; SNES and
@@ -24,8 +24,8 @@ generation plus one (1e30 if none is finite) before ``tell`` and is counted in
 - population-based strategies (``init(key, population, fitness)``: PSO, DE, GAs): they need an
   evaluated initial population, and ``init`` sees no batch. ``init`` samples the population
   params + ``init_scale`` * N(0, 1); the first step evaluates that population and hands it to
-  the strategy's ``init`` instead of asking (a flag in the state picks the branch), later steps
-  ask and tell. The reported params are elitist on the current batch: the generation's best
+  the strategy's ``init`` instead of asking, later steps ask and tell. The two kinds have two
+  step functions, chosen once when the rule is built. The reported params are elitist on the current batch: the generation's best
   member replaces them when its loss on the batch is below theirs on the same batch (a
   NaN-fitness member never does).
 
@@ -38,7 +38,7 @@ strategy's default ``Params`` and, for strategies with a ``std_schedule`` constr
 (OpenAI-ES, ARS, GAs, ...), its ``std_init`` sets a constant noise scale; all its floats are
 sweepable (traced) hyperparameters.
 
-**Evaluation** goes through ``population.evaluate_population``: one ``vmap`` over members; with
+**Evaluation** goes through ``_population.evaluate_population``: one ``vmap`` over members; with
 ``memory_budget_mb > 0`` in sequential chunks of the largest population divisor whose forward
 activations (``activation_bytes``) fit the budget (per device); with ``shard=True`` the member
 axis is split over all devices (``population_sharding``; population size divisible by the device
@@ -47,6 +47,10 @@ count). Both give the same fitness as one unsharded ``vmap``.
 Strategies with a num_dims x num_dims matrix (CMA_ES, SV_CMA_ES, MA_ES, xNES, iAMaLGaM_Full,
 ASEBO, DiffusionEvolution without ``num_latent_dims``) are refused above ``max_cma_dims``
 parameters in favour of diagonal or low-rank ones (Sep_CMA_ES, SNES, Open_ES, PGPE).
+
+A strategy whose mean turns non-finite (seen: Sep_CMA_ES after its step size collapsed) has
+broken down: the rule keeps the last finite state, so the reported params stay the last finite
+mean, and flags it in ``metrics['strategy_nonfinite']``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Closed-form alternating layer solves (paper 002, RULES.md section 4) against SGD and Adam.
+"""Closed-form alternating layer solves (paper 002, docs/RULES.md) against SGD and Adam.
 
 The variant picks the method, the dataset, the hidden width and the learning rate:
     --config=experiments/configs/closed_form.py:method=closed_form,data=diabetes

@@ -1,4 +1,4 @@
-"""The node perturbation family against backprop (paper 003; RULES.md section 1).
+"""The node perturbation family against backprop (paper 003; docs/RULES.md).
 
 The variant picks the method, the dataset and the scale:
     --config=experiments/configs/np_family.py:method=danp,data=digits

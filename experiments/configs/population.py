@@ -1,5 +1,4 @@
-"""Population learning against backprop (papers 000 and the evosax strategies; RULES.md
-sections 2 and 3).
+"""Population learning against backprop (paper 000 and the evosax strategies; docs/RULES.md).
 
 The variant picks the method and the dataset:
     --config=experiments/configs/population.py:method=neuron_pso,data=moons

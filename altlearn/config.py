@@ -9,6 +9,10 @@ A config is an ``ml_collections.ConfigDict`` with the keys
 
 ``base_config(rule, model, data)`` fills ``rule.*`` and ``model.*`` from the factories'
 signatures, so every option of every rule and model is reachable from the command line.
+``switch(config, rule=..., model=...)`` rebuilds those sections for another rule or model, and
+``define_config_flag`` gives a binary its ``--config`` flag: a config file whose
+``--config.rule.name`` / ``--config.model.name`` overrides switch the section before the other
+overrides apply (see experiments/train.py).
 
 Every float under ``rule`` and ``optimizer`` is a *sweepable hyperparameter*: it travels in
 ``TrainState.hparams`` as an array, so ``vmap`` over it trains a sweep in one compiled program.
@@ -17,9 +21,14 @@ Ints, strings, bools and tuples are structural and static.
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from altlearn import data as data_lib
 from altlearn import losses, models, optimizers, rules
@@ -203,3 +212,145 @@ def section_with(config: ml_collections.ConfigDict, section: str, hp: dict[str, 
     out = _with(config[section], section, hp)
     out.pop("name", None)
     return out
+
+
+# The command line: config files, rule and model switches, and the --config flag.
+
+SWITCHABLE = ("rule", "model")
+
+
+def switch(
+    config: ml_collections.ConfigDict, rule: str | None = None, model: str | None = None
+) -> ml_collections.ConfigDict:
+    """``config`` (changed in place) with its rule and/or model section rebuilt for another name:
+    the name and that rule's (model's) options at their registry defaults.
+
+    Options the config set for the old rule or model are dropped, not carried over, even where
+    the new one has an option of the same name (a value chosen for one rule need not suit
+    another). A name equal to the current one changes nothing: the section keeps what the config
+    set. Unknown names are an error naming the valid ones.
+    """
+    if rule is not None and rule != config.rule.name:
+        config.rule = _section(rule, rules.options_of(rule))
+    if model is not None and model != config.model.name:
+        config.model = _section(model, models.model_options(model))
+    return config
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Calls ``get_config(variant)`` of the config file ``spec`` (``PATH`` or ``PATH:VARIANT``).
+
+    A missing file is a ``ValueError`` naming the config files that exist beside it.
+    """
+    path, _, variant = spec.partition(":")
+    return load_config_module(path).get_config(variant or None)
+
+
+def load_config_module(path: str):
+    """The config file at ``path`` as a module; a missing one is a ``ValueError`` naming the
+    config files in its directory."""
+    file = Path(path)
+    if not file.is_file():
+        folder = file.parent
+        if folder.is_dir():
+            found = sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("_"))
+            where = f"config files in {folder}: {', '.join(found) or '(none)'}"
+        else:
+            where = f"no directory {str(folder)!r}"
+        raise ValueError(f"config file {path!r} not found; {where}.")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"cannot read config file {path!r} (expected a .py file).")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config(variant).")
+    return module
+
+
+def _flag_value(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """The last value of ``--name=V`` / ``--name V`` in ``argv``, and ``argv`` without them."""
+    value, rest, i = None, [], 0
+    pattern = re.compile(rf"--?{re.escape(name)}(=(.*))?")
+    while i < len(argv):
+        match = pattern.fullmatch(argv[i]) if i else None  # argv[0] is the program
+        if match and match[1] is not None:
+            value = match[2]
+        elif match and i + 1 < len(argv):
+            value = argv[i + 1]
+            i += 1
+        else:
+            rest.append(argv[i])
+        i += 1
+    return value, rest
+
+
+def _check_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """A ``--config.KEY`` override naming a key the config lacks is a ``ValueError`` naming the
+    valid keys (ml_collections would fail on it with a bare traceback)."""
+    for arg in argv[1:]:
+        match = re.match(r"--?(no)?config\.([^=]+)", arg)
+        if not match:
+            continue
+        key = match[2]
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(["config", *parts[:depth]])
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
+                hint = ""
+                if depth == 1 and parts[0] in SWITCHABLE:
+                    kind = parts[0]
+                    hint = (
+                        f" (the options of {kind} {node.name!r}; pick another {kind} with "
+                        f"--config.{kind}.name=NAME)"
+                    )
+                raise ValueError(
+                    f"unknown config key {key!r} (from --config.{key}); valid keys of {where}: "
+                    f"{valid}{hint}."
+                )
+            node = node[part]
+
+
+def config_from_argv(argv: list[str], default: str) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """The config a binary's command line names, before ml_collections applies its overrides,
+    and the command line without ``--config=FILE``.
+
+    Reads ``--config=PATH[:VARIANT]`` (or ``default``), switches the rule and model sections
+    to the last ``--config.rule.name`` / ``--config.model.name`` given (``switch``), and checks
+    that every ``--config.KEY`` override names a key of the result. Errors are ValueErrors
+    that name the valid choices.
+    """
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    spec, argv = _flag_value(argv, "config")
+    config = load_config_file(spec or default)
+    names = {kind: _flag_value(argv, f"config.{kind}.name")[0] for kind in SWITCHABLE}
+    switch(config, **names)
+    _check_override_keys(config, argv)
+    return config, argv
+
+
+def define_config_flag(
+    argv: list[str],
+    default: str,
+    flag_values: flags.FlagValues = flags.FLAGS,
+) -> tuple[flags.FlagHolder, list[str]]:
+    """Defines a binary's ``--config`` flag from its command line ``argv``.
+
+    The config comes from ``config_from_argv``; ``--config.KEY=VALUE`` overrides then apply to
+    it as ml_collections' config flags do. Returns the flag and the command line to parse
+    (``app.run(main, argv=...)``): ``argv`` without ``--config=FILE``. Raises ``ValueError``
+    for a missing config file, a bad variant, an unknown rule or model, or an unknown key.
+    """
+    config, argv = config_from_argv(argv, default)
+    holder = config_flags.DEFINE_config_dict(
+        "config",
+        config,
+        f"Config file, optionally with :variant (default {default}); then --config.KEY=VALUE "
+        "overrides. --config.rule.name / --config.model.name switch the rule or model, its "
+        "options at their defaults.",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    return holder, argv

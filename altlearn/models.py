@@ -4,11 +4,16 @@ A ``LayeredModel`` is a sequence of parametric layers (flax ``nn.Dense`` or ``nn
 maps its input z_{l-1} to the pre-activation a_l = layer_l(params_l, z_{l-1}) (+ optional node
 noise eps_l); h_l = f(a_l), and the last layer has no f. Parameter-free maps between layers
 (pooling, flattening) belong to the next layer's ``pre``. With ``decorrelation=True`` every dense
-layer applies a square, non-trainable matrix R_l to its input, z = R_l h (node perturbation's decorrelation),
-kept in the ``'decorrelation'`` collection next to ``'params'``.
+layer applies a square, non-trainable matrix R_l to its input, z = R_l h (node perturbation's
+decorrelation), kept in the ``'decorrelation'`` collection next to ``'params'``.
 
 ``apply_layered`` returns each layer's input z and pre-activation a: node perturbation, per-neuron
 training and closed-form solves need exactly these, and ``jax.jvp`` w.r.t. the node noise works.
+The model owns the rest of its structure too: ``layer_names`` (the keys of each layer in the
+variables; nothing else builds them), ``layer_input`` (the map from one layer's output to the
+next layer's input: pooling or flattening, then decorrelation), ``activate``, ``layer_apply``
+and ``forward_from`` (the output from one layer's pre-activation on, for rules that change one
+layer and evaluate only what lies downstream).
 
 Rules that need only a forward pass accept any flax module through ``FlaxModel`` (``resnet`` is
 one). A rule that needs the layered interface refuses a ``FlaxModel`` with a clear error.

@@ -4,14 +4,23 @@ logging, checkpointing and a NaN check between chunks.
 Outputs in ``workdir``: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
 evaluation, with the rule's own metrics averaged over the chunk as ``rule/<name>``),
 ``summary.json`` (final figures), ``tensorboard/`` (event files), ``curves.png``
-and ``checkpoints/`` (orbax). Running again on a workdir that holds a checkpoint resumes from the
-latest one and ends with the same numbers as an uninterrupted run.
+and ``checkpoints/`` (orbax: the initial state, then one per evaluation; the last
+``keep_checkpoints``). Running again on a workdir that holds a checkpoint resumes from the latest
+readable one and ends with the same numbers as an uninterrupted run; an unreadable newer one
+(damaged files) is moved to ``checkpoints.unreadable/``, never deleted.
+
+The state keeps one device layout from chunk to chunk: a rule that shards its population over
+the devices (``rule.shard``) returns the state spread over the device mesh although ``init``
+made it on one device, so the first chunk's compile decides the layout, the state is moved to it,
+and every chunk, the evaluation and the checkpoints use that layout.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +41,101 @@ RESUMABLE_KEYS = ("steps", "eval_every", "keep_checkpoints")  # may change on re
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters (storage errors run to
+    pages of context)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kept_checkpoint(manager: ocp.CheckpointManager, workdir: Path) -> str:
+    step = manager.latest_step()
+    if step is None:
+        return "No checkpoint was written before it."
+    return f"The last good checkpoint (step {step}) is kept in {workdir}/checkpoints."
+
+
+class _AbandonedReads:
+    """While checkpoints are tried: a failed orbax restore closes its event loop with the reads
+    of the other arrays still in flight, and each of them reports, milliseconds later, that it
+    cannot call back (``RuntimeError: Event loop is closed``, printed as an ignored exception
+    with a traceback). This swallows those reports (anything else goes on to the previous
+    ``sys.unraisablehook``), and ``settle`` waits after a failure until they stop coming."""
+
+    def __enter__(self) -> _AbandonedReads:
+        self.previous = sys.unraisablehook
+        self.last = time.monotonic()
+        sys.unraisablehook = self._hook
+        return self
+
+    def _hook(self, unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            self.last = time.monotonic()
+        else:
+            self.previous(unraisable)
+
+    def settle(self, quiet_s: float = 0.1, limit_s: float = 2.0) -> None:
+        start = self.last = time.monotonic()
+        while time.monotonic() - self.last < quiet_s and time.monotonic() - start < limit_s:
+            time.sleep(0.01)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        sys.unraisablehook = self.previous
+
+
+def _restore_newest_readable(
+    manager: ocp.CheckpointManager, template: TrainState, workdir: Path
+) -> TrainState | None:
+    """The state of the newest checkpoint that restores (None if there is none).
+
+    A newer checkpoint that fails to restore (damaged or missing data files) is skipped with one
+    log line and, once an older one restored, moved to ``checkpoints.unreadable/<step>`` so the
+    run can write that step again. If none restores, a ValueError says so and moves nothing.
+    """
+    unreadable: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        with _AbandonedReads() as reads:
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(template))
+            except Exception as e:  # the storage layers raise many kinds; all mean "unreadable"
+                unreadable.append((step, _one_line(e)))
+                reads.settle()
+                continue
+        for bad, reason in unreadable:
+            aside = workdir / "checkpoints.unreadable" / str(bad)
+            if aside.exists():
+                aside = aside.with_name(f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside.parent.mkdir(exist_ok=True)
+            shutil.move(str(workdir / "checkpoints" / str(bad)), str(aside))
+            logging.warning(
+                "Skipped the checkpoint at step %d: unreadable (%s); moved it to %s.",
+                bad,
+                reason,
+                aside,
+            )
+        if unreadable:
+            manager.reload()
+        logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
+        return state
+    if unreadable:
+        reasons = "; ".join(f"step {step}: {reason}" for step, reason in unreadable)
+        raise ValueError(
+            f"No checkpoint in {workdir}/checkpoints can be read ({reasons}). The files are "
+            "left as they are; use a new --workdir, or delete the old one to start over."
+        )
+    return None
+
+
+def _same_layout(tree: Any, shardings: Any) -> bool:
+    """Whether every array of ``tree`` is laid out as the matching leaf of ``shardings``."""
+    return all(
+        a.sharding.is_equivalent_to(s, a.ndim)
+        for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)
+    )
 
 
 def _to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -91,6 +195,15 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
     experiment = Experiment(config, dataset)  # validates the config and loads the data first
+    batch_size_requested = int(config.batch_size)
+    if experiment.batch_size < batch_size_requested:
+        logging.warning(
+            "batch_size %d is larger than the training split (%d samples); every step uses the "
+            "whole split (batch_size %d).",
+            batch_size_requested,
+            experiment.num_train,
+            experiment.batch_size,
+        )
     config_path = workdir / "config.json"
     if config_path.exists():
         _check_same_run(config_path, config)
@@ -104,11 +217,12 @@ def run(
             enable_async_checkpointing=False,
         ),
     )
-    state = jax.jit(experiment.init)(jax.random.PRNGKey(config.seed))
-    start_step = manager.latest_step()
-    if start_step is not None:
-        state = manager.restore(start_step, args=ocp.args.StandardRestore(state))
-        logging.info("Resumed from the checkpoint at step %d in %s.", start_step, workdir)
+    init_state = jax.jit(experiment.init)(jax.random.PRNGKey(config.seed))
+    try:
+        state = _restore_newest_readable(manager, init_state, workdir) or init_state
+    except ValueError:
+        manager.close()
+        raise
     start_step = int(state.step)
 
     metrics_path = workdir / "metrics.jsonl"
@@ -123,18 +237,52 @@ def run(
     writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
     # COMPILE (ahead of time, so compile time is reported apart from run time)
+    steps = int(config.steps)
+    eval_every = int(config.eval_every)
     compile_time = 0.0
     compiled: dict[int, Any] = {}
+    layout = None  # the state's shardings, pinned once a chunk would return it otherwise
+
+    def compile_chunk(num_steps: int, like: TrainState):
+        def chunk(s: TrainState):
+            s, step_metrics = experiment.train_steps(s, num_steps)
+            if layout is not None:
+                s = jax.lax.with_sharding_constraint(s, layout)
+            return s, step_metrics
+
+        return jax.jit(chunk, donate_argnums=0).lower(like).compile()
 
     def compiled_chunk(num_steps: int):
-        nonlocal compile_time
+        """The chunk of ``num_steps`` steps, taking and returning the state in its layout."""
+        nonlocal compile_time, layout
         if num_steps not in compiled:
             t = time.perf_counter()
-            fn = jax.jit(lambda s: experiment.train_steps(s, num_steps), donate_argnums=0)
-            compiled[num_steps] = fn.lower(state).compile()
+            executable = compile_chunk(num_steps, state)
+            if not _same_layout(state, executable.output_shardings[0]):
+                layout = jax.tree.map(lambda a: a.sharding, state)
+                executable = compile_chunk(num_steps, state)
+            compiled[num_steps] = executable
             compile_time += time.perf_counter() - t
         return compiled[num_steps]
 
+    def chunk_length(step: int) -> int:
+        return min(eval_every - step % eval_every, steps - step)
+
+    if start_step < steps:
+        # The first chunk decides the state's layout (module docstring). It is compiled for the
+        # state as ``init`` returns it, left for the compiler to place; a restored state is
+        # committed to one device, which a program spanning the devices refuses.
+        t = time.perf_counter()
+        num = chunk_length(start_step)
+        executable = compile_chunk(num, init_state)
+        returned = executable.output_shardings[0]
+        if not _same_layout(state, returned):
+            layout = returned
+            state = jax.device_put(state, layout)
+            executable = compile_chunk(num, state)
+        compiled[num] = executable
+        compile_time += time.perf_counter() - t
+    del init_state
     t = time.perf_counter()
     evaluate = jax.jit(experiment.evaluate).lower(state).compile()
     compile_time += time.perf_counter() - t
@@ -144,8 +292,8 @@ def run(
         bad = [k for k, v in record.items() if not math.isfinite(v) and not k.startswith("rule/")]
         if bad:
             raise DivergenceError(
-                f"Evaluation at step {record['step']} gave non-finite {', '.join(bad)}; the last "
-                f"good checkpoint (step {manager.latest_step()}) is kept in {workdir}/checkpoints."
+                f"Evaluation at step {record['step']} gave non-finite {', '.join(bad)}. "
+                + _kept_checkpoint(manager, workdir)
             )
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -156,17 +304,20 @@ def run(
         records.append(record)
         return record
 
-    if start_step == 0:
-        log_eval(state, {})
+    def save(s: TrainState) -> None:
+        manager.save(int(s.step), args=ocp.args.StandardSave(s))
+        manager.wait_until_finished()
 
     # TRAIN, chunk by chunk
-    steps = int(config.steps)
-    eval_every = int(config.eval_every)
     train_time, trained = 0.0, 0
     try:
+        if start_step == 0:
+            log_eval(state, {})
+            if 0 not in manager.all_steps():
+                save(state)  # so that a run diverging in its first chunk keeps one
         while int(state.step) < steps:
             step = int(state.step)
-            num = min(eval_every - step % eval_every, steps - step)
+            num = chunk_length(step)
             chunk = compiled_chunk(num)
             t = time.perf_counter()
             state, step_metrics = chunk(state)
@@ -177,8 +328,7 @@ def run(
                 first = step + int(np.argmin(np.isfinite(losses)))
                 raise DivergenceError(
                     f"The loss became {losses[first - step]} at step {first} (rule "
-                    f"{config.rule.name!r}); stopped. The last good checkpoint (step "
-                    f"{manager.latest_step()}) is kept in {workdir}/checkpoints."
+                    f"{config.rule.name!r}); stopped. " + _kept_checkpoint(manager, workdir)
                 )
             rate = trained / max(train_time, 1e-9)
             record = log_eval(
@@ -189,8 +339,7 @@ def run(
                     **_rule_metrics(step_metrics),
                 },
             )
-            manager.save(record["step"], args=ocp.args.StandardSave(state))
-            manager.wait_until_finished()
+            save(state)
             logging.info(
                 "step %d/%d  loss %.4f  %s  %.0f steps/s  ETA %s",
                 record["step"],
@@ -215,6 +364,8 @@ def run(
         "model": config.model.name,
         "data": config.data.name,
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.variables["params"]))),
+        "batch_size": experiment.batch_size,
+        "batch_size_requested": batch_size_requested,
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "compile_time_s": compile_time,
         "train_time_s": train_time,

@@ -1,5 +1,6 @@
 """Compares methods over seeds: every (dataset, method) trains all its seeds as ONE vmapped
-program, evaluated every ``eval_every`` steps; writes a JSON file, a markdown table and a plot.
+program for exactly the steps asked, evaluated about 20 times (``--eval_every`` to choose);
+writes a JSON file, a markdown table and a plot.
 
     python -m experiments.compare --config=experiments/configs/np_family.py \\
         --methods=bp,dbp,np,anp,inp,dnp,danp,dinp,fg,wp --data=digits,mnist1d --seeds=3 \\
@@ -15,8 +16,8 @@ machine (``--budget_seconds``) instead.
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,16 +25,14 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from altlearn import config as config_lib
 from altlearn import rules
 from altlearn.plotting import plot_comparison
 from altlearn.train import Experiment, configure_jax
 
 
 def load_get_config(path: str):
-    spec = importlib.util.spec_from_file_location("_compare_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config
+    return config_lib.load_config_module(path).get_config
 
 
 def forward_passes(experiment: Experiment) -> float:
@@ -72,25 +71,49 @@ def budget_steps(config, seeds: int, forward_passes_budget: int, seconds_budget:
     return max(1, int(seconds_budget / per_step))
 
 
+EVALUATIONS = 20  # per run, when --eval_every is not given: enough points for a curve
+
+
+def set_steps(
+    config,
+    seeds: int,
+    steps: int | None = None,
+    eval_every: int | None = None,
+    budget_forward_passes: int = 0,
+    budget_seconds: float = 0.0,
+) -> None:
+    """Sets how long ``config`` trains: exactly ``steps`` (default: the config's), or the steps
+    a budget gives (``budget_steps``), evaluated every ``eval_every`` steps (default: about
+    ``EVALUATIONS`` times per run; ``run_one`` makes the last interval shorter if need be)."""
+    if budget_forward_passes or budget_seconds:
+        steps = budget_steps(config, seeds, budget_forward_passes, budget_seconds)
+    config.steps = int(steps or config.steps)
+    config.eval_every = int(eval_every or -(-config.steps // EVALUATIONS))
+
+
 def run_one(config, seeds: int) -> dict:
-    """Trains ``seeds`` seeds of ``config`` in one vmapped program; returns curves and figures."""
+    """Trains ``seeds`` seeds of ``config`` in one vmapped program for exactly ``config.steps``
+    steps, evaluating every ``config.eval_every`` steps and at the end (a last shorter chunk
+    when ``eval_every`` does not divide ``steps``); returns curves and figures."""
     experiment = Experiment(config)
     keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
     state = jax.jit(jax.vmap(experiment.init))(keys)
     steps, every = int(config.steps), int(config.eval_every)
+    lengths = [every] * (steps // every) + ([steps % every] if steps % every else [])
     evaluate = jax.jit(jax.vmap(experiment.evaluate))
     t = time.perf_counter()
-    chunk = (
-        jax.jit(jax.vmap(lambda s: experiment.train_steps(s, every)), donate_argnums=0)
+    chunks = {
+        n: jax.jit(jax.vmap(lambda s, n=n: experiment.train_steps(s, n)), donate_argnums=0)
         .lower(state)
         .compile()
-    )
+        for n in sorted(set(lengths))
+    }
     compile_time = time.perf_counter() - t
     curves = [{"step": 0, **{k: np.asarray(v).tolist() for k, v in evaluate(state).items()}}]
     train_time = 0.0
-    for _ in range(steps // every):
+    for n in lengths:
         t = time.perf_counter()
-        state, metrics = chunk(state)
+        state, metrics = chunks[n](state)
         jax.block_until_ready(metrics)
         train_time += time.perf_counter() - t
         record = {k: np.asarray(v).tolist() for k, v in evaluate(state).items()}
@@ -107,9 +130,9 @@ def run_one(config, seeds: int) -> dict:
         "curves": curves,
         "final": final,
         "compile_time_s": compile_time,
-        "time_per_step_s": train_time / max(steps // every * every, 1),
+        "time_per_step_s": train_time / max(steps, 1),
         "train_time_s": train_time,
-        "steps": steps // every * every,
+        "steps": steps,
         "forward_passes": forward_passes(experiment),
         "config": json.loads(config.to_json()),
     }
@@ -147,7 +170,10 @@ def table(results: dict, seeds: int) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    get_config = load_get_config(_CONFIG.value)
+    try:
+        get_config = load_get_config(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     results: dict[str, dict] = {}
     for data in _DATA.value:
         results[data] = {}
@@ -155,15 +181,14 @@ def main(argv: list[str]) -> None:
             variant = f"method={method},data={data}" + (f",{_EXTRA.value}" if _EXTRA.value else "")
             config = get_config(variant)
             configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
-            if _STEPS.value:
-                config.steps = _STEPS.value
-                config.eval_every = min(config.eval_every, config.steps)
-            if _BUDGET_PASSES.value or _BUDGET_SECONDS.value:
-                steps = budget_steps(
-                    config, _SEEDS.value, _BUDGET_PASSES.value, _BUDGET_SECONDS.value
-                )
-                config.eval_every = max(1, steps // 10)
-                config.steps = config.eval_every * (steps // config.eval_every)
+            set_steps(
+                config,
+                _SEEDS.value,
+                _STEPS.value,
+                _EVAL_EVERY.value,
+                _BUDGET_PASSES.value,
+                _BUDGET_SECONDS.value,
+            )
             results[data][method] = run_one(config, _SEEDS.value)
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +205,10 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
     _EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
     _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
-    _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps.")
+    _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps (trained exactly).")
+    _EVAL_EVERY = flags.DEFINE_integer(
+        "eval_every", None, f"Evaluate every N steps (default: {EVALUATIONS} times per run)."
+    )
     _BUDGET_PASSES = flags.DEFINE_integer(
         "budget_forward_passes", 0, "Give every method this many forward passes (0: off)."
     )

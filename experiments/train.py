@@ -7,75 +7,45 @@
 The config variant (after ':') picks the rule, model and dataset whose options the config then
 carries, e.g. ``:rule=backprop,model=cnn,data=digits``. Running the same command on a workdir
 that holds a checkpoint resumes from it.
+
+Switching the rule or model from the command line: ``--config.rule.name=NAME`` (likewise
+``--config.model.name=NAME``) on any config file replaces the file's ``rule`` (``model``)
+section with that rule's options at their registry defaults, before any other override applies;
+``--config.rule.OPTION=VALUE`` overrides of the new rule's options then apply, in whatever order
+the flags come:
+
+    python -m experiments.train --config=experiments/configs/digits.py \\
+        --config.rule.particles_per_neuron=4 --config.rule.name=neuron_pso --workdir=runs/npso
+
+Nothing the file set under ``rule.`` (``model.``) survives a switch, not even an option the new
+rule shares by name: the file chose those values for its own rule (population.py's swarm sizes,
+np_family.py's noise scale), so pass again as overrides the ones you want. Everything else the
+file set (data, optimizer, steps, batch size, and the model when only the rule changes) stays.
+Naming the rule or model the file already has changes nothing. An option the chosen rule or
+model lacks, an unknown name or a missing config file is a one-line error naming the valid ones.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging as std_logging
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from altlearn import config as config_lib
 from altlearn import runner
 from altlearn.data import MissingDataError
 
 DEFAULT_CONFIG = "experiments/configs/default.py"
 
-
-def load_config(argv: list[str]):
-    """The config named by --config in ``argv`` (or the default), before overrides."""
-    spec = DEFAULT_CONFIG
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            spec = argv[i + 1]
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_altlearn_config", path)
-    if module_spec is None:
-        sys.exit(f"error: cannot read config file {path!r}.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Exits with a clear error if a --config.KEY override names a key the config lacks.
-
-    Runs before the config flag is defined: ml_collections applies overrides while defining it
-    and would fail there with a bare traceback.
-    """
-    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not overrides:
-        return
+if __name__ == "__main__":
+    # The config is built here, with the rule and model switched, before ml_collections reads
+    # the overrides: their types come from the config it is given.
     try:
-        config = load_config(argv)
+        _CONFIG, _ARGV = config_lib.define_config_flag(sys.argv, DEFAULT_CONFIG)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    for key in overrides:
-        node, parts = config, key.split(".")
-        for depth, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(["config", *parts[:depth]])
-                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
-                sys.exit(
-                    f"error: unknown config key {key!r} (from --config.{key}); valid keys of "
-                    f"{where}: {valid}. A rule's or model's own options exist once it is picked "
-                    "with the config variant, e.g. "
-                    f"--config={DEFAULT_CONFIG}:rule=NAME,model=NAME."
-                )
-            node = node[part]
-
-
-if __name__ == "__main__":
-    check_overrides(sys.argv)
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, optionally with :variant.", lock_config=True
-)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where every output of the run goes.")
 flags.mark_flag_as_required("workdir")
 
@@ -103,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, argv=_ARGV)

@@ -28,8 +28,8 @@ def test_readme_and_ci_run_the_same_test_command():
 
 
 def test_gpu_bench_names_its_parts_on_a_bad_one():
-    """scripts/gpu_bench (docs/BENCHMARKS.md, 'Measuring on a lent GPU') refuses an unknown
-    part before it starts anything."""
+    """scripts/gpu_bench (docs/BENCHMARKS.md, 'Measuring on a GPU') refuses an unknown part
+    before it starts anything."""
     script = README.parent / "scripts" / "gpu_bench"
     done = subprocess.run(["bash", str(script), "speed"], capture_output=True, text=True)
     assert done.returncode == 2

@@ -49,23 +49,6 @@ def _run(rule, variables, batch, steps):
     return run(variables)
 
 
-def test_open_es_learns_the_tiny_problem():
-    config = tiny_config(
-        "evolution",
-        steps=150,
-        **{
-            "rule.population_size": 64,
-            "rule.strategy_params": {"std_init": 0.05},
-            "optimizer.learning_rate": 1e-2,
-        },
-    )
-    _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-    first = float(np.mean(metrics["step"]["loss"][:5]))
-    train_loss = float(metrics["eval"]["train_loss"])
-    assert first > 2.5 and train_loss < 0.8, (first, train_loss)
-    assert float(metrics["eval"]["test_accuracy"]) > 0.75
-
-
 def test_simple_ga_learns_the_tiny_problem():
     config = tiny_config(
         "evolution",

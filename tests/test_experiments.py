@@ -1,11 +1,11 @@
-"""Experiment configs and the comparison / benchmark binaries on tiny settings."""
+"""Experiment configs and the comparison binaries on tiny settings."""
 
 import pytest
 from conftest import tiny_config
 
 from altlearn import config as config_lib
 from altlearn.train import Experiment
-from experiments import bench_rules, compare
+from experiments import compare
 from experiments.configs import np_family
 
 
@@ -26,21 +26,20 @@ def test_np_family_variant_errors():
         np_family.get_config("optimiser=adam")
 
 
-def test_compare_runs_seeds_in_one_program_and_tabulates():
+def test_compare_trains_exactly_the_steps_asked_and_tabulates():
     config = tiny_config("node_perturbation", steps=4, eval_every=2)
+    config.rule.num_noise_samples = 1
+    compare.set_steps(config, seeds=2, steps=300)  # not rounded to a multiple of eval_every
+    assert (config.steps, config.eval_every) == (300, 15)  # 20 evaluations: a curve
+    compare.set_steps(config, seeds=2, steps=5, eval_every=2)
     result = compare.run_one(config, seeds=2)
-    assert [c["step"] for c in result["curves"]] == [0, 2, 4]
-    assert len(result["final"]["test_accuracy"]) == 2
+    assert [c["step"] for c in result["curves"]] == [0, 2, 4, 5]  # a last, shorter chunk
+    assert result["steps"] == 5 and len(result["final"]["test_accuracy"]) == 2
     assert result["forward_passes"] == 2  # clean pass + one noisy pass (np's RuleSpec.cost)
     text = compare.table({"digits": {"np": result}}, seeds=2)
-    assert "| np |" in text and "2 seeds" in text
-
-
-def test_bench_rules_measures_ratios():
-    configs = {"bp": tiny_config("backprop"), "np": tiny_config("node_perturbation")}
-    results = bench_rules.measure(configs, chunk_steps=3, repeats=2)
-    assert results["bp"]["ratio_vs_first"] == 1.0
-    assert results["np"]["step_ms"] > 0 and results["np"]["compile_s"] > 0
+    assert "| np |" in text and "2 seeds" in text and "| 5 |" in text
+    compare.set_steps(config, seeds=2, budget_forward_passes=51)  # 25 steps of 2 passes
+    assert (config.steps, config.eval_every) == (25, 2)
 
 
 def test_population_config_and_generated_rice_table(tmp_path):

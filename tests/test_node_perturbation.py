@@ -37,6 +37,7 @@ def small_net():
 
 
 def _estimates(model, variables, batch, num, **options):
+    options.setdefault("num_noise_samples", 1)  # one sample per estimate, ``num`` estimates
     rule = rules.make_rule("node_perturbation", model, TASK, optax.sgd(0.1), **options)
     keys = jax.random.split(jax.random.PRNGKey(3), num)
     state = rule.init(jax.random.PRNGKey(4), variables)
@@ -129,7 +130,10 @@ def _correlated_dataset():
 
 @pytest.mark.parametrize("rule", ["node_perturbation", "backprop"])
 def test_decorrelation_cuts_input_correlation_tenfold(rule):
-    config = tiny_config(rule, steps=300, **{"rule.decorrelation_rate": 5e-2})
+    overrides = {"rule.decorrelation_rate": 5e-2}
+    if rule == "node_perturbation":
+        overrides["rule.num_noise_samples"] = 1
+    config = tiny_config(rule, steps=300, **overrides)
     config.model.decorrelation = True
     experiment = Experiment(config, _correlated_dataset())
     state = experiment.init(jax.random.PRNGKey(0))
@@ -157,7 +161,12 @@ def test_every_variant_learns(case):
     config = tiny_config(
         "node_perturbation",
         steps=300,
-        **{"rule.sigma": 1e-2, "optimizer.learning_rate": 3e-3, **VARIANT_CASES[case]},
+        **{
+            "rule.sigma": 1e-2,
+            "rule.num_noise_samples": 1,
+            "optimizer.learning_rate": 3e-3,
+            **VARIANT_CASES[case],
+        },
     )
     _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
     assert float(metrics["eval"]["train_loss"]) < 0.7
@@ -172,7 +181,12 @@ def test_activity_based_np_learns_in_a_noisy_system_where_np_fails():
         config = tiny_config(
             "node_perturbation",
             steps=300,
-            **{"rule.variant": variant, "rule.sigma": sigma, "optimizer.learning_rate": 3e-3},
+            **{
+                "rule.variant": variant,
+                "rule.sigma": sigma,
+                "rule.num_noise_samples": 1,
+                "optimizer.learning_rate": 3e-3,
+            },
         )
         config.model.intrinsic_noise = 0.05
         _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
@@ -213,7 +227,9 @@ def test_noise_is_drawn_in_the_configured_threefry_mode(small_net, rule):
     key = jax.random.PRNGKey(5)
     est = {}
     for mode in ("auto", "off", "on"):
-        r = rules.make_rule(rule, model, TASK, optax.sgd(0.1), rng_partitionable=mode)
+        r = rules.make_rule(
+            rule, model, TASK, optax.sgd(0.1), rng_partitionable=mode, num_noise_samples=1
+        )
         state = r.init(key, variables)
         est[mode] = _flat(jax.jit(r.estimate)(key, variables, state, batch)[0])
     assert jax.default_backend() == "cpu"

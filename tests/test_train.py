@@ -49,6 +49,18 @@ def test_evaluate_matches_a_direct_computation(experiment):
     assert {"grad_cosine/layer_0", "grad_cosine/layer_1"} <= set(metrics)
 
 
+def test_rules_are_offered_the_training_and_validation_splits_never_the_test_split(experiment):
+    """The data a RuleSpec may declare (RuleSpec.splits) are whole splits on the device."""
+    from altlearn import rules
+
+    assert set(experiment.rule_data) == set(rules.SPLITS) == {"train", "val"}
+    ds = experiment.dataset
+    for split, (x, y) in {"train": (ds.x_train, ds.y_train), "val": (ds.x_val, ds.y_val)}.items():
+        np.testing.assert_array_equal(experiment.rule_data[split][0], x)
+        np.testing.assert_array_equal(experiment.rule_data[split][1], y)
+    assert ds.x_val.shape[0] > 0
+
+
 def test_hyperparameters_are_the_floats_of_rule_and_optimizer():
     hp = config_lib.hparams(tiny_config())
     assert hp == {

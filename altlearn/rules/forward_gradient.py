@@ -39,14 +39,17 @@ def forward_gradient(
     task: Task,
     optimizer: optax.GradientTransformation,
     data: Splits,
-    num_noise_samples: int = 1,
+    num_noise_samples: int = 16,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
     rng_partitionable: str = "auto",
 ) -> LearningRule:
     """Forward gradient (Baydin et al. 2022): g = (dL/dtheta . v) v, v ~ N(0, I), by one jvp.
 
-    Unbiased for the gradient of the batch loss; ``num_noise_samples`` tangents are averaged.
+    Unbiased for the gradient of the batch loss; ``num_noise_samples`` tangents are averaged,
+    16 by default: with one tangent the MLP 40-512-512-10 (Adam 3e-3, batch 128, 1000 steps)
+    went from loss 3.15 to 4.18 on mnist1d (test accuracy 0.19), with 8 to 2.87 (0.24), with
+    16 to 2.73 (0.25).
     ``decorrelation_rate``/``decorrelation_every`` act on decorrelated models only.
     """
     del data
@@ -63,12 +66,16 @@ def forward_gradient(
             v = [jax.random.normal(kk, p.shape, p.dtype) for kk, p in zip(keys, leaves)]
             v = jax.tree.unflatten(treedef, v)
             (loss, inputs), (directional, _) = jax.jvp(f, (params,), (v,))
-            return jax.tree.map(lambda t: directional * t, v), loss, inputs
+            return directional, v, loss, inputs
 
-        grads, loss, inputs = jax.vmap(one_sample, out_axes=(0, None, None))(
+        directional, v, loss, inputs = jax.vmap(one_sample, out_axes=(0, 0, None, None))(
             jax.random.split(key_noise, num_noise_samples)
         )
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        # The mean of directional_k v_k as one contraction over the samples: on XLA:CPU the
+        # broadcast product reduced over the sample axis was 7x slower (MLP 40-512-512-10, 8
+        # tangents: a step in 357 vs 48 ms).
+        mean = lambda t: jnp.tensordot(directional, t, axes=1) / num_noise_samples
+        grads = jax.tree.map(mean, v)
         return grads, EstimateAux(loss, inputs), state
 
     rule = gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)

@@ -2,7 +2,7 @@
 
 Command (writes docs/bench/evolution.json and prints markdown tables):
 
-    python -m experiments.bench_evolution
+    python -m benchmarks.evolution
 
 Model, data, batch: MLP 40-256-256-10 (ReLU) on mnist1d, batch 128; strategy Open_ES with
 std 0.05 and Adam (learning rate 1e-2). What it measures, in one run:
@@ -10,11 +10,13 @@ std 0.05 and Adam (learning rate 1e-2). What it measures, in one run:
 1. *Overhead.* altlearn (``Experiment.train_steps``, one generation per step) against a raw
    evosax loop: the same MLP written as a plain flax module, ``Open_ES(...)`` with the same
    population, std and optimizer, ``ask`` -> ``vmap`` of the mean cross-entropy -> ``tell`` in a
-   ``lax.scan`` over minibatches drawn as altlearn draws them (one permutation per epoch, drawn
-   per chunk). Both chunks of ``chunk_generations`` generations are compiled ahead of time
-   (compile time reported apart), then timed in interleaved rounds after a warm-up call; medians.
-   altlearn also evaluates the incoming params once per step (``metrics['loss']``) and guards
-   NaN fitness, which the raw loop does not. Target ratio <= 1.05.
+   ``lax.scan`` (``benchmarks.harness.make_raw_es_loop``). The raw loop starts from altlearn's
+   initial mean and derives its batches and ask/tell keys as the rule does, so both run the same
+   generations (the JSON records the largest relative difference of their per-generation mean
+   fitness). Both chunks of ``chunk_generations`` generations are compiled ahead of time
+   (compile time reported apart), then timed in interleaved rounds after a warm-up round;
+   medians. altlearn also evaluates the incoming params once per step (``metrics['loss']``) and
+   guards NaN fitness, which the raw loop does not. Target ratio <= 1.05.
 2. *Throughput.* Generations per second at each population size, and the achieved GFLOP/s of
    a generation against the machine's float32 peak (the fastest of the jitted 2048x2048
    matmuls timed in the same rounds: the median would understate the peak when other
@@ -38,35 +40,30 @@ std 0.05 and Adam (learning rate 1e-2). What it measures, in one run:
 from __future__ import annotations
 
 import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app
-from evosax.algorithms import Open_ES
 from jax.flatten_util import ravel_pytree
 
 from altlearn.config import base_config
-from altlearn.rules._population import (
-    activation_bytes,
-    chunk_size_for,
-    evaluate_population,
-)
-from altlearn.rules.base import rng_mode
+from altlearn.rules._population import activation_bytes, chunk_size_for, evaluate_population
 from altlearn.train import Experiment
-from experiments.bench import (
-    HandMLP,
+from benchmarks.harness import (
+    Loop,
+    Matmul,
+    busy_cores_line,
+    command_line,
     compiled_flops,
-    cpu_seconds,
     machine_facts,
-    make_matmul,
-    other_load_cores,
+    make_raw_es_loop,
+    matmul_peak,
+    memory_bytes,
+    timed_rounds,
     write_json,
 )
 
@@ -78,21 +75,16 @@ BATCH = 128
 MIN_CHUNK_GENERATIONS = 4  # generations per timed call, at the least (``measure``)
 
 
-class RawState(NamedTuple):
-    step: jax.Array  # int32 []
-    key: jax.Array
-    es_state: Any
-
-
 def evolution_config(
     population_size: int,
     memory_budget_mb: int = 0,
     widths: Sequence[int] = (256, 256),
     batch_size: int = BATCH,
     rng_partitionable: str = "auto",
+    data: str = "mnist1d",
 ) -> ml_collections.ConfigDict:
-    """Open_ES on mnist1d, MLP 40-widths-10."""
-    config = base_config(rule="evolution", model="mlp", data="mnist1d")
+    """Open_ES on ``data`` (mnist1d), MLP in-widths-out."""
+    config = base_config(rule="evolution", model="mlp", data=data)
     config.model.widths = tuple(widths)
     config.batch_size = batch_size
     config.rule.rng_partitionable = rng_partitionable
@@ -105,64 +97,13 @@ def evolution_config(
     return config
 
 
-def make_raw_loop(
-    experiment: Experiment, population_size: int
-) -> tuple[Callable[[jax.Array], RawState], Callable[[RawState, int], tuple[RawState, Any]]]:
-    """``init(key)`` and ``train_chunk(state, num_generations)`` of a plain evosax loop."""
-    config = experiment.config
-    module = HandMLP(tuple(config.model.widths), experiment.dataset.num_outputs)
-    x_train, y_train = experiment.x_train, experiment.y_train
-    batch, num_train = experiment.batch_size, experiment.num_train
-    spe = num_train // batch
-    solution = module.init(jax.random.PRNGKey(0), x_train[:1])["params"]
-    es = Open_ES(
-        population_size,
-        solution,
-        optimizer=optax.adam(LEARNING_RATE),
-        std_schedule=optax.constant_schedule(STD),
+def raw_loop(experiment: Experiment, key: jax.Array, params: Any, generations: int) -> Loop:
+    """The raw evosax loop of ``experiment``'s population, from ``params`` (altlearn's initial
+    params from ``key``), ``generations`` per call."""
+    raw_init, raw_chunk = make_raw_es_loop(
+        experiment, int(experiment.config.rule.population_size), STD, LEARNING_RATE
     )
-
-    def fitness(member: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-        logits = module.apply({"params": member}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    mode = experiment.config.rule.rng_partitionable  # draw as the rule does: same work
-
-    def init(key: jax.Array) -> RawState:
-        with rng_mode(mode):
-            return _init(key)
-
-    def train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
-        with rng_mode(mode):
-            return _train_chunk(state, num_generations)
-
-    def _init(key: jax.Array) -> RawState:
-        key_model, key_es, key_data = jax.random.split(key, 3)
-        params = module.init(key_model, x_train[:1])["params"]
-        es_state = es.init(key_es, params, es.default_params)
-        return RawState(jnp.zeros((), jnp.int32), key_data, es_state)
-
-    def _train_chunk(state: RawState, num_generations: int) -> tuple[RawState, jax.Array]:
-        first_epoch, offset = jnp.divmod(state.step, spe)
-        epochs = first_epoch + jnp.arange(num_generations // spe + 2)
-        perms = jax.vmap(
-            lambda e: jax.random.permutation(jax.random.fold_in(state.key, e), num_train)
-        )(epochs)
-        batches = perms[:, : spe * batch].reshape(-1, batch)
-        idx = jax.lax.dynamic_slice_in_dim(batches, offset, num_generations)
-
-        def body(carry: tuple[jax.Array, Any], i: jax.Array):
-            step, es_state = carry
-            key_ask, key_tell = jax.random.split(jax.random.fold_in(state.key, step))
-            population, es_state = es.ask(key_ask, es_state, es.default_params)
-            f = jax.vmap(fitness, in_axes=(0, None, None))(population, x_train[i], y_train[i])
-            es_state, _ = es.tell(key_tell, population, f, es_state, es.default_params)
-            return (step + 1, es_state), jnp.mean(f)
-
-        (step, es_state), losses = jax.lax.scan(body, (state.step, state.es_state), idx)
-        return RawState(step, state.key, es_state), losses
-
-    return init, train_chunk
+    return Loop(lambda s: raw_chunk(s, generations), raw_init(key, params), generations)
 
 
 def population_around(params: Any, population_size: int) -> Any:
@@ -191,22 +132,14 @@ def evaluation_chunk(
     return population, losses
 
 
-def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=0).lower(*args).compile()
-    return compiled, time.perf_counter() - t
+def _per_generation_loss(outputs: Any) -> np.ndarray:
+    """Per-generation mean fitness of a chunk's outputs (altlearn's metrics or a raw array)."""
+    return np.asarray(outputs["fitness_mean"] if isinstance(outputs, dict) else outputs)
 
 
-def _memory(compiled: Any) -> dict[str, int] | None:
-    """The byte counts of ``compiled.memory_analysis()`` (None where the backend has none)."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if stats is None:
-        return None
-    names = ("temp", "argument", "output", "alias", "generated_code")
-    return {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in names}
+def max_relative_difference(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
 def measure(
@@ -219,6 +152,7 @@ def measure(
     matmul_size: int = 2048,
     batches: Sequence[int] = (128, 512, 2048),
     min_chunk_generations: int = MIN_CHUNK_GENERATIONS,
+    data: str = "mnist1d",
 ) -> dict[str, Any]:
     """Runs parts 1-3; returns every number as a JSON-able dict.
 
@@ -229,25 +163,19 @@ def measure(
     (measured, P = 1024: 1011 ms per generation at one generation per call, 702 ms at four).
     """
     key = jax.random.PRNGKey(0)
-    chunks: dict[str, dict[str, Any]] = {}  # name -> compiled chunk, state, generations, ...
-
-    def add(name: str, fn: Callable, state: Any, generations: int, **facts: Any) -> None:
-        compiled, compile_s = _compile(fn, state)
-        chunks[name] = {"fn": compiled, "state": state, "generations": generations}
-        chunks[name]["facts"] = {"compile_s": compile_s, "generations_per_chunk": generations}
-        chunks[name]["facts"].update(facts)
+    loops: dict[str, Loop] = {}  # every timed chunk, in the order of a round
 
     per_population: dict[int, dict[str, Any]] = {}
     for p in sorted({*populations, overhead_population}):
         generations = max(min_chunk_generations, chunk_generations * overhead_population // p)
-        for budget in (0, memory_budget_mb):
-            experiment = Experiment(evolution_config(p, budget, widths))
+        for budget in (0, memory_budget_mb) if memory_budget_mb > 0 else (0,):
+            experiment = Experiment(evolution_config(p, budget, widths, data=data))
             state = experiment.init(key)
             batch = (experiment.x_train[: experiment.batch_size],)
             batch += (experiment.y_train[: experiment.batch_size],)
             step = jax.jit(experiment.train_step).lower(state, batch).compile()
             entry = per_population.setdefault(p, {"population_size": p})
-            entry["memory" if budget == 0 else "memory_budgeted"] = _memory(step)
+            entry["memory" if budget == 0 else "memory_budgeted"] = memory_bytes(step)
             if budget:  # the chunk size the rule picks: as many members as fit the budget
                 member_bytes = activation_bytes(experiment.model.apply, state.variables, batch[0])
                 entry["activation_bytes_per_member"] = member_bytes
@@ -260,37 +188,29 @@ def measure(
                 entry["population_bytes"] = 4 * p * num_params
             if budget == 0 or p == max(populations):
                 name = f"altlearn/P={p}" + (f"/budget={budget}MB" if budget else "")
-                add(
-                    name,
-                    lambda s, e=experiment, g=generations: e.train_steps(s, g),
-                    state,
-                    generations,
+                loops[name] = Loop(
+                    lambda s, e=experiment, g=generations: e.train_steps(s, g), state, generations
                 )
             if budget == 0:
-                population = population_around(state.variables["params"], p)
-                add(
-                    f"evaluation/P={p}",
+                loops[f"evaluation/P={p}"] = Loop(
                     lambda pop, e=experiment, g=generations: evaluation_chunk(e, pop, g),
-                    population,
+                    population_around(state.variables["params"], p),
                     generations,
                 )
-            if budget == 0 and p == overhead_population:
-                raw_init, raw_chunk = make_raw_loop(experiment, p)
-                add(
-                    f"raw/P={p}",
-                    lambda s, f=raw_chunk, g=generations: f(s, g),
-                    raw_init(key),
-                    generations,
+            if budget == 0 and p == overhead_population:  # from altlearn's initial state
+                loops[f"raw/P={p}"] = raw_loop(
+                    experiment, key, state.variables["params"], generations
                 )
 
     # The threefry mode: altlearn and the raw loop again in JAX's default mode on CPU
     # (partitionable, "on"), which a raw evosax loop gets unless its user changes it.
-    po, gens = overhead_population, chunk_generations
-    experiment = Experiment(evolution_config(po, 0, widths, BATCH, "on"))
+    po, gens = overhead_population, max(min_chunk_generations, chunk_generations)
+    experiment = Experiment(evolution_config(po, 0, widths, BATCH, "on", data))
     state = experiment.init(key)
-    add(f"altlearn/P={po}/rng=on", lambda s, e=experiment: e.train_steps(s, gens), state, gens)
-    raw_init, raw_chunk = make_raw_loop(experiment, po)
-    add(f"raw/P={po}/rng=on", lambda s, f=raw_chunk: f(s, gens), raw_init(key), gens)
+    loops[f"altlearn/P={po}/rng=on"] = Loop(
+        lambda s, e=experiment: e.train_steps(s, gens), state, gens
+    )
+    loops[f"raw/P={po}/rng=on"] = raw_loop(experiment, key, state.variables["params"], gens)
 
     # Larger batches at the overhead population: the forward FLOPs grow with the batch, the
     # sampling and the update do not.
@@ -298,7 +218,7 @@ def measure(
     for b in batches:
         if b == BATCH:
             continue
-        experiment = Experiment(evolution_config(po, 0, widths, b))
+        experiment = Experiment(evolution_config(po, 0, widths, b, data=data))
         state = experiment.init(key)
         batch = (experiment.x_train[:b], experiment.y_train[:b])
         step = jax.jit(experiment.train_step).lower(state, batch).compile()
@@ -309,41 +229,36 @@ def measure(
             "flops_analytic": 2.0 * b * num_params * (po + 1),
         }
         g = max(min_chunk_generations, chunk_generations * BATCH // b)
-        add(f"altlearn/P={po}/B={b}", lambda s, e=experiment, g=g: e.train_steps(s, g), state, g)
         population = population_around(state.variables["params"], po)
-        add(
-            f"evaluation/P={po}/B={b}",
-            lambda pop, e=experiment, g=g: evaluation_chunk(e, pop, g),
-            population,
-            g,
+        loops[f"altlearn/P={po}/B={b}"] = Loop(
+            lambda s, e=experiment, g=g: e.train_steps(s, g), state, g
+        )
+        loops[f"evaluation/P={po}/B={b}"] = Loop(
+            lambda pop, e=experiment, g=g: evaluation_chunk(e, pop, g), population, g
         )
 
-    matmul = make_matmul(matmul_size)
-    times: dict[str, list[float]] = {name: [] for name in (*chunks, "matmul")}
-    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    for rep in range(repeats + 1):  # round 0 is the warm-up
-        for name, run in chunks.items():
-            t = time.perf_counter()
-            run["state"], metrics = jax.block_until_ready(run["fn"](run["state"]))
-            if rep > 0:
-                times[name].append((time.perf_counter() - t) / run["generations"])
-            run["loss"] = metrics["loss"] if isinstance(metrics, dict) else metrics
-        t = time.perf_counter()
-        matmul().block_until_ready()
-        if rep > 0:
-            times["matmul"].append(time.perf_counter() - t)
-    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
-    peak_gflops = 2 * matmul_size**3 / min(times["matmul"]) / 1e9
+    matmul = Matmul(matmul_size)
+    rounds = timed_rounds({**loops, "matmul": matmul}, repeats)
+    peak = matmul_peak(matmul, rounds.times["matmul"])
+    peak_gflops = peak["gflops"]
 
     timed = {}
-    for name, run in chunks.items():
-        median = statistics.median(times[name])
+    for name, loop in loops.items():
+        times = [t / loop.steps_per_call for t in rounds.times[name]]
+        median = statistics.median(times)
+        outputs = loop.outputs
+        step = getattr(loop.state, "step", None)
         timed[name] = {
-            **run["facts"],
-            "generation_times_s": times[name],
+            "compile_s": loop.compile_s,
+            "generations_per_chunk": loop.steps_per_call,
+            "timed_calls": len(times),
+            "generations_run": None if step is None else int(step),  # warm-up included
+            "generation_times_s": times,
             "median_generation_s": median,
             "generations_per_s": 1.0 / median,
-            "mean_loss_last_chunk": float(np.mean(np.asarray(run["loss"]))),
+            "mean_loss_last_chunk": float(
+                np.mean(np.asarray(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            ),
         }
     for p, entry in per_population.items():
         flops = entry["flops_xla"] or entry["flops_analytic"]
@@ -373,6 +288,10 @@ def measure(
         )
     by_batch[BATCH] = {"batch_size": BATCH, **per_population[po]}
     median = lambda name: timed[name]["median_generation_s"]
+    same_run = lambda suffix: max_relative_difference(
+        _per_generation_loss(loops[f"raw/P={po}{suffix}"].outputs),
+        _per_generation_loss(loops[f"altlearn/P={po}{suffix}"].outputs),
+    )
     ratio = median(f"altlearn/P={po}") / median(f"raw/P={po}")
     rng = {
         "altlearn_rng_on_s": median(f"altlearn/P={po}/rng=on"),
@@ -385,6 +304,8 @@ def measure(
         / median(f"raw/P={po}/rng=on"),
     }
     fractions = [per_population[p]["fraction_of_peak"] for p in populations]
+    layer_sizes = [int(np.prod(experiment.x_train.shape[1:])), *widths]
+    layer_sizes.append(int(experiment.dataset.num_outputs))
     return {
         "overhead": {
             "population_size": overhead_population,
@@ -393,6 +314,9 @@ def measure(
             "ratio_altlearn_over_raw": ratio,
             "target_ratio": OVERHEAD_TARGET,
             "target_met": bool(ratio <= OVERHEAD_TARGET),
+            "raw_start": "altlearn's initial mean; batches and ask/tell keys derived as the rule",
+            "fitness_mean_max_relative_difference_last_chunk": same_run(""),
+            "fitness_mean_max_relative_difference_last_chunk_rng_on": same_run("/rng=on"),
             **rng,
         },
         "by_batch": [by_batch[b] for b in sorted(by_batch)],
@@ -404,16 +328,11 @@ def measure(
         "memory_budget_mb": memory_budget_mb,
         "timed_chunks": timed,
         "repeats": repeats,
-        "matmul_peak": {
-            "n": matmul_size,
-            "times_s": times["matmul"],
-            "gflops": peak_gflops,
-            "gflops_median": 2 * matmul_size**3 / statistics.median(times["matmul"]) / 1e9,
-        },
-        "other_processes_busy_cores": other_load,
+        "matmul_peak": peak,
+        "other_processes_busy_cores": rounds.other_load_cores,
         "config": {
-            "model": f"mlp 40-{'-'.join(map(str, widths))}-10 relu",
-            "data": "mnist1d",
+            "model": f"mlp {'-'.join(map(str, layer_sizes))} relu",
+            "data": data,
             "batch_size": BATCH,
             "strategy": "Open_ES",
             "std": STD,
@@ -452,6 +371,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
         f"(rule.rng_partitionable=auto on CPU) is {o['speedup_classic_over_partitionable']:.2f}x "
         f"faster; altlearn (auto) / raw evosax with JAX defaults: "
         f"**{o['ratio_altlearn_auto_over_raw_jax_default']:.3f}**",
+        "",
+        "Same run in both loops: per-generation mean fitness of the last chunk agrees to "
+        f"{o['fitness_mean_max_relative_difference_last_chunk']:.1e} "
+        f"({o['fitness_mean_max_relative_difference_last_chunk_rng_on']:.1e} partitionable; "
+        "largest relative difference).",
         "",
         f"**Throughput** (float32 matmul peak {result['matmul_peak']['gflops']:.1f} GFLOP/s, "
         f"fastest {result['matmul_peak']['n']}^2 matmul of the rounds)",
@@ -494,20 +418,17 @@ def markdown_tables(result: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["populations"]:
-        m, mb = r["memory"] or {}, r["memory_budgeted"] or {}
+        m, mb = r["memory"] or {}, r.get("memory_budgeted") or {}
         budgeted = r.get("generations_per_s_budgeted")
         lines.append(
             f"| {r['population_size']} | {mib(r['population_bytes'])} | {mib(m.get('temp'))} | "
-            f"{mib(mb.get('temp'))} | {r['chunk_size_budgeted']} | {mib(m.get('argument'))} | "
-            f"{mib(m.get('output'))} | "
+            f"{mib(mb.get('temp'))} | {r.get('chunk_size_budgeted', '-')} | "
+            f"{mib(m.get('argument'))} | {mib(m.get('output'))} | "
             f"{f'{budgeted:.1f}' if budgeted else '-'} |"
         )
-    if result.get("other_processes_busy_cores") is not None:
-        lines += [
-            "",
-            f"Other processes kept {result['other_processes_busy_cores']:.2f} of "
-            f"{result['machine']['cpu_count']} cores busy during the timed rounds.",
-        ]
+    busy = busy_cores_line(result)
+    if busy:
+        lines += ["", busy]
     return "\n".join(lines)
 
 
@@ -524,14 +445,16 @@ def main(argv: list[str]) -> None:
         _MATMUL_SIZE.value,
         tuple(int(b) for b in _BATCHES.value),
         _MIN_CHUNK_GENERATIONS.value,
+        _DATA.value,
     )
-    result["command"] = " ".join(["python -m experiments.bench_evolution", *sys.argv[1:]])
+    result["command"] = command_line("benchmarks.evolution")
     out = write_json(result, _OUT.value)
     print(markdown_tables(result))
     print(f"\nWrote {out}.")
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a binary: importing the module defines none.
     from absl import flags
 
     _POPULATIONS = flags.DEFINE_list("populations", ["16", "64", "256", "1024"], "Sizes timed.")
@@ -543,10 +466,13 @@ if __name__ == "__main__":
         "min_chunk_generations", MIN_CHUNK_GENERATIONS, "Generations per timed call, at least."
     )
     _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed rounds (interleaved).")
-    _BUDGET_MB = flags.DEFINE_integer("budget_mb", 32, "rule.memory_budget_mb of part 3.")
+    _BUDGET_MB = flags.DEFINE_integer(
+        "budget_mb", 32, "rule.memory_budget_mb of part 3 (0: skip it)."
+    )
     _WIDTHS = flags.DEFINE_list("widths", ["256", "256"], "Hidden widths of the MLP.")
     _OUT = flags.DEFINE_string("out", "docs/bench/evolution.json", "Where the JSON goes.")
     _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the peak-FLOPs matmul.")
+    _DATA = flags.DEFINE_string("data", "mnist1d", "Dataset.")
     _BATCHES = flags.DEFINE_list(
         "batches", ["128", "512", "2048"], "Batch sizes timed at the overhead population."
     )

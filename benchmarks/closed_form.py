@@ -2,7 +2,7 @@
 
 Command (writes docs/bench/closed_form.json and docs/bench/closed_form.md, prints the tables):
 
-    python -m experiments.bench_closed_form
+    python -m benchmarks.closed_form
 
 Problem: synthetic regression, so the dataset size n and the input size d are free. Inputs
 x ~ N(0, 1) [n, d] (float32, as datasets are), targets from a random planted two-layer ReLU
@@ -22,16 +22,17 @@ Per grid point, all on the full batch:
    normal equations (``hidden_normal_equations``, with the chunk size the rule picks) and their
    Cholesky solve (``hidden_solve``).
 
-After one untimed warm-up round, ``repeats`` rounds of output, normal matrix, solve, step
-alternate (each call blocks on its results, ``jax.block_until_ready``) so machine noise hits all
-alike; medians are reported. Fractions of the step: normal matrix, solve, output solve (ONE
-output solve: the step does 1 + line-search trials of them) and the rest ("other": the
-line search's re-solves and forward passes, the loss evaluations, the casts). The fractions
-use the fastest call of each (the one least disturbed by other processes on a shared machine;
-medians are reported beside) net of the dispatch time (a jitted scalar add timed in the same
-rounds): every timed call pays one dispatch, so the components timed apart pay three where the
-step pays one, which matters only at tiny sizes. There, components run apart from their
-neighbours can still sum past the step (``components_over_step`` > 1; "other" is then 0).
+After one untimed warm-up round, ``repeats`` rounds of output, normal matrix, solve, dispatch,
+step and a float64 matmul alternate (``benchmarks.harness.timed_rounds``; each call blocks on
+its results) so machine noise hits all alike; medians are reported. Fractions of the step:
+normal matrix, solve, output solve (ONE output solve: the step does 1 + line-search trials of
+them) and the rest ("other": the line search's re-solves and forward passes, the loss
+evaluations, the casts). The fractions use the fastest call of each (the one least disturbed by
+other processes on a shared machine; medians are reported beside) net of the dispatch time (a
+jitted scalar add timed in the same rounds): every timed call pays one dispatch, so the
+components timed apart pay three where the step pays one, which matters only at tiny sizes.
+There, components run apart from their neighbours can still sum past the step
+(``components_over_step`` > 1; "other" is then 0).
 
 CPU note: the Cholesky factorisations run in LAPACK (scipy's OpenBLAS on CPU), outside XLA's
 thread pool. OpenBLAS goes multithreaded above a size (about a 128 x 128 float64 matrix) and,
@@ -40,12 +41,14 @@ per factorisation where a single thread needs < 1 ms; compare a run with OPENBLA
 The JSON records the threading environment variables.
 
 FLOP counts: the normal matrix 2 n (h(d+1))^2 (U^T U in full; XLA does not exploit its
-symmetry), the Cholesky (h(d+1))^3 / 3. GFLOP/s are set against the machine's float64 peak, the
-fastest of jitted float64 ``matmul_size``^2 matmuls. Growth: log-log slopes of time against n
-(at fixed h) and against h (at fixed n), fitted over each grid and between neighbours. Expected:
-normal matrix n^1 h^2, Cholesky n^0 h^3, output solve n^1 h^2 (its Gram n (h+1)^2), the step n^1
-once the normal matrix dominates, between h^2 and h^3. The JSON also records how many cores
-other processes kept busy during each point's timed rounds (Linux).
+symmetry), the Cholesky (h(d+1))^3 / 3. GFLOP/s are set against the machine's float64 peak: the
+fastest of the jitted float64 ``matmul_size``^2 matmuls timed in every point's rounds
+(``benchmarks.harness.matmul_peak``, the one definition every benchmark uses). Growth: log-log
+slopes of time against n (at fixed h) and against h (at fixed n), fitted over each grid and
+between neighbours. Expected: normal matrix n^1 h^2, Cholesky n^0 h^3, output solve n^1 h^2 (its
+Gram n (h+1)^2), the step n^1 once the normal matrix dominates, between h^2 and h^3. The JSON
+also records how many cores other processes kept busy during each point's timed rounds (Linux;
+the top-level figure is the worst point's).
 """
 
 from __future__ import annotations
@@ -53,8 +56,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,15 @@ from altlearn.rules.closed_form import (
     sample_chunk_size,
     solve_dtype,
 )
-from experiments.bench import cpu_seconds, machine_facts, other_load_cores, write_json
+from benchmarks.harness import (
+    Matmul,
+    command_line,
+    compile_ahead,
+    machine_facts,
+    matmul_peak,
+    timed_rounds,
+    write_json,
+)
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
 COMPONENTS = ("normal_matrix", "cholesky_solve", "output_solve")
@@ -101,28 +111,6 @@ def rule_chunk_size(n: int, h: int, d: int, chunk_size: int, memory_budget_mb: i
     return min(sample_chunk_size(h, d + 1, 8, chunk_size, memory_budget_mb), n)
 
 
-def float64_peak(size: int, repeats: int) -> dict[str, Any] | None:
-    """GFLOP/s of the fastest of ``repeats`` jitted float64 size^2 matmuls (None if size 0)."""
-    if size <= 0:
-        return None
-    a = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float64)
-    b = jax.random.normal(jax.random.PRNGKey(2), (size, size), jnp.float64)
-    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return {"n": size, "times_s": times, "gflops": 2 * size**3 / min(times) / 1e9}
-
-
-def _compile(fn: Callable, *args: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t
-
-
 def measure_point(
     n: int,
     h: int,
@@ -135,12 +123,14 @@ def measure_point(
     chunk_size: int = 0,
     memory_budget_mb: int = 512,
     seed: int = 0,
+    matmul: Matmul | None = None,
 ) -> dict[str, Any]:
-    """Times one alternation and its components at dataset size ``n`` and hidden width ``h``."""
+    """Times one alternation and its components at dataset size ``n`` and hidden width ``h``
+    (and ``matmul``, if given, in the same rounds: its times are ``matmul_times_s``)."""
     dt = solve_dtype("auto")
     if dt != jnp.float64:
         raise ValueError(
-            "bench_closed_form times the float64 solves: turn JAX's 64-bit mode on first "
+            "benchmarks.closed_form times the float64 solves: turn JAX's 64-bit mode on first "
             "(jax.config.update('jax_enable_x64', True), or `with jax.enable_x64(True):`) on a "
             f"CPU or GPU backend (backend here: {jax.default_backend()})."
         )
@@ -157,7 +147,7 @@ def measure_point(
     batch = (x, y)
 
     # The whole step: compile, then one alternation off the initialisation; time on that state.
-    step, step_compile_s = _compile(rule.step, key, variables, state, batch)
+    step, step_compile_s = compile_ahead(rule.step, key, variables, state, batch)
     variables, state, _ = jax.block_until_ready(step(key, variables, state, batch))
 
     # The components' inputs, as the step computes them from this state (set up in numpy).
@@ -168,18 +158,20 @@ def measure_point(
     s_np = np.where(pre > 0, 1.0, 0.0)
     xb, s, features = jnp.asarray(xb_np), jnp.asarray(s_np), jnp.asarray(pre * s_np)
     targets = jnp.asarray(y_np.astype(np.float64))
-    output_fn, output_compile_s = _compile(
+    output_fn, output_compile_s = compile_ahead(
         lambda f, t: output_solve(f, t, ridge), features, targets
     )
     out = np.asarray(output_fn(features, targets))
     v, residual = jnp.asarray(out[:-1]), jnp.asarray(y_np.astype(np.float64) - out[-1])
-    build_fn, build_compile_s = _compile(
+    build_fn, build_compile_s = compile_ahead(
         lambda xb, s, r, v: hidden_normal_equations(xb, s, r, v, chunk), xb, s, residual, v
     )
     a, b = build_fn(xb, s, residual, v)
-    solve_fn, solve_compile_s = _compile(lambda a, b, w: hidden_solve(a, b, w, ridge), a, b, hidden)
+    solve_fn, solve_compile_s = compile_ahead(
+        lambda a, b, w: hidden_solve(a, b, w, ridge), a, b, hidden
+    )
     scalar = jnp.zeros((), dt)
-    dispatch_fn, _ = _compile(lambda z: z + 1, scalar)
+    dispatch_fn, _ = compile_ahead(lambda z: z + 1, scalar)
 
     compile_s = {
         "step": step_compile_s,
@@ -194,19 +186,13 @@ def measure_point(
         "dispatch": (dispatch_fn, (scalar,)),
     }
     calls["step"] = (step, (key, variables, state, batch))
+    metrics = jax.block_until_ready(step(key, variables, state, batch))[2]  # as every timed call
 
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    metrics: dict[str, Any] = {}
-    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    for rep in range(repeats + 1):  # round 0 is the warm-up
-        for name, (fn, args) in calls.items():
-            t = time.perf_counter()
-            result = jax.block_until_ready(fn(*args))
-            if rep > 0:
-                times[name].append(time.perf_counter() - t)
-            if name == "step":
-                metrics = result[2]
-    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
+    timed = {name: (lambda fn=fn, args=args: fn(*args)) for name, (fn, args) in calls.items()}
+    if matmul is not None:
+        timed["matmul"] = matmul
+    rounds = timed_rounds(timed, repeats)
+    times = {name: rounds.times[name] for name in calls}
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
     size = h * (d + 1)
@@ -245,7 +231,8 @@ def measure_point(
         },
         "loss": float(metrics["loss"]),
         "loss_after": float(metrics["loss_after"]),
-        "other_processes_busy_cores": other_load,
+        "other_processes_busy_cores": rounds.other_load_cores,
+        "matmul_times_s": rounds.times.get("matmul", []),
     }
 
 
@@ -287,7 +274,7 @@ def measure(
     """
     if repeats <= 0 or not sizes or not widths:
         raise ValueError(f"repeats, sizes and widths must be non-empty/positive, got {repeats}.")
-    cpu_start, wall_start = cpu_seconds(), time.perf_counter()
+    matmul = Matmul(matmul_size, jnp.float64) if matmul_size > 0 else None
     cache: dict[tuple[int, int], dict[str, Any]] = {}
 
     def point(n: int, h: int) -> dict[str, Any]:
@@ -304,13 +291,17 @@ def measure(
                 chunk_size,
                 memory_budget_mb,
                 seed,
+                matmul,
             )
         return cache[(n, h)]
 
     by_n = [point(int(n), int(width)) for n in sizes]
     by_h = [point(int(n_fixed), int(h)) for h in widths]
-    peak = float64_peak(matmul_size, repeats + 2)
-    other_load = other_load_cores(cpu_start, time.perf_counter() - wall_start)
+    peak = None
+    if matmul is not None:  # the fastest float64 matmul of every point's rounds
+        peak = matmul_peak(matmul, [t for p in cache.values() for t in p.pop("matmul_times_s")])
+    loads = [p["other_processes_busy_cores"] for p in cache.values()]
+    other_load = None if None in loads else max(loads)  # the worst point's
     if peak is not None:
         for p in cache.values():
             p["fraction_of_float64_peak"] = {
@@ -485,7 +476,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    result["command"] = " ".join(["python -m experiments.bench_closed_form", *sys.argv[1:]])
+    result["command"] = command_line("benchmarks.closed_form")
     json_path, md_path = write_outputs(result, _OUT.value)
     print(markdown_tables(result))
     print()
@@ -494,7 +485,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Flags are defined only when run as a binary, so importing ``measure`` (tests) defines none.
+    # Flags are defined only when run as a binary: importing the module defines none.
     from absl import flags
 
     _SIZES = flags.DEFINE_list("sizes", ["1000", "2000", "4000", "8000"], "Dataset sizes n.")

@@ -5,7 +5,7 @@ A config is an ``ml_collections.ConfigDict`` with the keys
     seed, steps, batch_size, eval_every, eval_batch_size, loss, keep_checkpoints,
     rule.name (+ the rule's own options), model.name (+ the model's options),
     data.{name, data_dir, validation_fraction, standardize},
-    optimizer.{name, learning_rate, momentum, weight_decay, schedule, warmup_steps}.
+    optimizer.{name, learning_rate, momentum, weight_decay, schedule, warmup_steps, cycles}.
 
 ``base_config(rule, model, data)`` fills ``rule.*`` and ``model.*`` from the factories'
 signatures, so every option of every rule and model is reachable from the command line.
@@ -48,7 +48,15 @@ TOP_LEVEL_KEYS = {
     "optimizer",
 }
 DATA_KEYS = {"name", "data_dir", "validation_fraction", "standardize"}
-OPTIMIZER_KEYS = {"name", "learning_rate", "momentum", "weight_decay", "schedule", "warmup_steps"}
+OPTIMIZER_KEYS = {
+    "name",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "cycles",
+}
 
 
 def _section(name: str, options: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -80,6 +88,7 @@ def base_config(
             "weight_decay": 1e-4,
             "schedule": "constant",
             "warmup_steps": 0,
+            "cycles": 1,
         }
     )
     return c
@@ -237,6 +246,18 @@ def switch(
     return config
 
 
+def switch_nested(config: ml_collections.ConfigDict, names: dict[str, str]) -> None:
+    """For a rule whose option names another rule (``RuleSpec.nested``, e.g. persistent's
+    ``inner``): ``names`` maps such an option to a new rule, whose options replace the nested
+    options section at their defaults (as ``switch`` does for the rule itself)."""
+    spec = rules.get_rule_spec(config.rule.name)
+    for key, rule_key in spec.nested:
+        name = names.get(rule_key)
+        if name is not None and name != config.rule[rule_key]:
+            config.rule[rule_key] = name
+            config.rule[key] = ml_collections.ConfigDict(rules.options_of(name))
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Calls ``get_config(variant)`` of the config file ``spec`` (``PATH`` or ``PATH:VARIANT``).
 
@@ -326,6 +347,8 @@ def config_from_argv(argv: list[str], default: str) -> tuple[ml_collections.Conf
     config = load_config_file(spec or default)
     names = {kind: _flag_value(argv, f"config.{kind}.name")[0] for kind in SWITCHABLE}
     switch(config, **names)
+    nested = rules.get_rule_spec(config.rule.name).nested
+    switch_nested(config, {k: _flag_value(argv, f"config.rule.{k}")[0] for _, k in nested})
     _check_override_keys(config, argv)
     return config, argv
 

@@ -12,7 +12,9 @@ Datasets (see ``DATASETS``; nothing is ever downloaded):
   ``mnist1d_default_v1.npz`` there (``ALTLEARN_CACHE_DIR`` wins).
 * scikit-learn bundled: ``digits`` (8x8x1 images scaled to [0, 1]), ``breast_cancer``,
   ``wine``, ``iris`` (classification), ``diabetes`` (regression).
-* synthetic: ``moons``, ``circles`` (classification), ``friedman1`` (regression).
+* synthetic: ``moons``, ``circles`` (classification), ``friedman1`` (regression), ``kink``
+  (1-D regression: a narrow tent y = max(0, 1 - 8 |x - 0.5|) on x ~ U(-1, 1), three sharp
+  kinks that a small ReLU network from a random start often fails to fit).
 * from files in the data directory: ``mnist``, ``fashion_mnist`` (IDX files, optionally
   ``.gz``, in ``<data_dir>/<name>/`` or ``<data_dir>/``) and ``cifar10`` (the python
   pickles of the official ``cifar-10-python.tar.gz``, in ``<data_dir>/cifar-10-batches-py/``,
@@ -264,6 +266,17 @@ def _synthetic_loader(maker_name: str, task: str, **kwargs) -> Callable:
     return load
 
 
+def _kink(data_dir: Path | None) -> _Raw:
+    """x ~ U(-1, 1) (1000 points, fixed seed), y = max(0, 1 - 8 |x - 0.5|): zero but for a tent
+    of half-width 1/8 at 0.5. Trained from random starts, a 1-8-8-1 ReLU network ends in the
+    flat fit (half the target's variance left) about half the time (docs/RESULTS.md)."""
+    del data_dir
+    rng = np.random.default_rng(SPLIT_SEED)
+    x = rng.uniform(-1.0, 1.0, size=(1000, 1))
+    y = np.maximum(0.0, 1.0 - 8.0 * np.abs(x - 0.5))
+    return _fixed_test_split("regression", x, y)
+
+
 # ---------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST (IDX files)
 
@@ -487,6 +500,9 @@ DATASETS: dict[str, DatasetInfo] = {
         "Friedman #1, 1000 points, 10 features, 1 regression target",
         False,
         "tabular",
+    ),
+    "kink": DatasetInfo(
+        _kink, "a narrow tent on [-1, 1], 1000 points, 1 regression target", False, "tabular"
     ),
     "mnist": DatasetInfo(
         _idx_loader("mnist"), "MNIST from IDX files, 28x28x1, 10 classes", True, "image"

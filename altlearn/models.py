@@ -261,16 +261,23 @@ def from_flax(module: nn.Module, name: str | None = None) -> FlaxModel:
 # --------------------------------------------------------------------------------------------
 
 
-def _dense(features: int) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.he_normal())
+def _he(scale: float) -> Callable:
+    """He-normal kernels (std sqrt(2 / fan_in), truncated), times ``scale``."""
+    if not float(scale) > 0:
+        raise ValueError(f"init_scale must be > 0, got {scale}.")
+    return nn.initializers.variance_scaling(2.0 * float(scale) ** 2, "fan_in", "truncated_normal")
 
 
-def _conv(features: int, kernel_size: int, spatial_dims: int) -> nn.Conv:
+def _dense(features: int, scale: float = 1.0) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_he(scale))
+
+
+def _conv(features: int, kernel_size: int, spatial_dims: int, scale: float = 1.0) -> nn.Conv:
     return nn.Conv(
         features,
         (kernel_size,) * spatial_dims,
         padding="SAME",
-        kernel_init=nn.initializers.he_normal(),
+        kernel_init=_he(scale),
     )
 
 
@@ -291,12 +298,16 @@ def mlp(
     negative_slope: float = 0.2,
     decorrelation: bool = False,
     intrinsic_noise: float = 0.0,
+    init_scale: float = 1.0,
 ) -> LayeredModel:
-    """Multilayer perceptron: flatten -> [Dense -> f] * len(widths) -> Dense(num_outputs)."""
+    """Multilayer perceptron: flatten -> [Dense -> f] * len(widths) -> Dense(num_outputs).
+
+    Kernels are He-normal times ``init_scale`` (1: He; 0.1 or 10 make a poor initialisation).
+    """
     f = make_activation(activation, negative_slope)
     sizes = [*widths, num_outputs]
     layers = [
-        Layer(_dense(w), f if i < len(widths) else None, flatten if i == 0 else None)
+        Layer(_dense(w, init_scale), f if i < len(widths) else None, flatten if i == 0 else None)
         for i, w in enumerate(sizes)
     ]
     return LayeredModel(
@@ -321,8 +332,10 @@ def _conv_stack(
     negative_slope: float,
     decorrelation: bool,
     intrinsic_noise: float,
+    init_scale: float = 1.0,
 ) -> LayeredModel:
-    """Convolutions (ints) and max pools ('M'), then flatten and dense layers."""
+    """Convolutions (ints) and max pools ('M'), then flatten and dense layers; kernels He-normal
+    times ``init_scale``."""
     spatial = _spatial_dims(name, input_shape)
     f = make_activation(activation, negative_slope)
     layers: list[Layer] = []
@@ -331,11 +344,11 @@ def _conv_stack(
         if item == "M":
             pending = compose(pending, max_pool)
         else:
-            layers.append(Layer(_conv(int(item), kernel_size, spatial), f, pending))
+            layers.append(Layer(_conv(int(item), kernel_size, spatial, init_scale), f, pending))
             pending = None
     pending = compose(pending, flatten)
     for i, w in enumerate([*dense, num_outputs]):
-        layers.append(Layer(_dense(w), f if i < len(dense) else None, pending))
+        layers.append(Layer(_dense(w, init_scale), f if i < len(dense) else None, pending))
         pending = None
     return LayeredModel(name, layers, decorrelation, intrinsic_noise, input_shape=input_shape)
 
@@ -350,6 +363,7 @@ def cnn(
     negative_slope: float = 0.2,
     decorrelation: bool = False,
     intrinsic_noise: float = 0.0,
+    init_scale: float = 1.0,
 ) -> LayeredModel:
     """Small CNN for 1-D signals (mnist1d) and images: [conv -> f -> pool] per channel count."""
     layout = [c for ch in channels for c in (ch, "M")]
@@ -364,6 +378,7 @@ def cnn(
         negative_slope,
         decorrelation,
         intrinsic_noise,
+        init_scale,
     )
 
 
@@ -402,6 +417,7 @@ def vgg(
     negative_slope: float = 0.2,
     decorrelation: bool = False,
     intrinsic_noise: float = 0.0,
+    init_scale: float = 1.0,
 ) -> LayeredModel:
     """VGG-style network: 3x3 convolutions and max pools by ``layout`` (VGG_LAYOUTS), then dense.
 
@@ -420,6 +436,7 @@ def vgg(
         negative_slope,
         decorrelation,
         intrinsic_noise,
+        init_scale,
     )
 
 

@@ -17,15 +17,29 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adam": lambda lr, momentum, weight_decay: optax.adam(lr),
     "adamw": lambda lr, momentum, weight_decay: optax.adamw(lr, weight_decay=weight_decay),
 }
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "cosine_restarts")
 
 
-def make_schedule(learning_rate: Any, schedule: str, total_steps: int, warmup_steps: int):
-    """Returns the learning rate (a number) or an optax schedule."""
+def make_schedule(
+    learning_rate: Any, schedule: str, total_steps: int, warmup_steps: int, cycles: int = 1
+):
+    """Returns the learning rate (a number) or an optax schedule.
+
+    ``cosine_restarts`` is SGDR (Loshchilov & Hutter, arXiv 1608.03983) with ``cycles`` equal
+    cycles: the rate decays from ``learning_rate`` to 0 by a cosine within each cycle and jumps
+    back at the start of the next (warm restarts; the optimizer state is kept).
+    """
     if schedule == "constant":
         return learning_rate
     if schedule == "cosine":
         return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    if schedule == "cosine_restarts":
+        if int(cycles) < 1:
+            raise ValueError(f"optimizer.cycles must be >= 1, got {cycles}.")
+        length = max(total_steps // int(cycles), 1)
+        decay = optax.cosine_decay_schedule(learning_rate, length)
+        boundaries = [length * i for i in range(1, int(cycles))]
+        return optax.join_schedules([decay] * int(cycles), boundaries)
     if schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1)
@@ -42,9 +56,10 @@ def make_optimizer(
     schedule: str = "constant",
     total_steps: int = 1,
     warmup_steps: int = 0,
+    cycles: int = 1,
 ) -> optax.GradientTransformation:
     """Builds the optax optimizer ``name`` (one of OPTIMIZERS) with an optional schedule."""
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}.")
-    lr = make_schedule(learning_rate, schedule, total_steps, warmup_steps)
+    lr = make_schedule(learning_rate, schedule, total_steps, warmup_steps, cycles)
     return OPTIMIZERS[name](lr, momentum, weight_decay)

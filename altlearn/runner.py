@@ -290,6 +290,8 @@ def run(
     def log_eval(s: TrainState, extra: dict[str, float]) -> dict[str, float]:
         record = {"step": int(s.step), **_floats(evaluate(s)), **extra}
         bad = [k for k, v in record.items() if not math.isfinite(v) and not k.startswith("rule/")]
+        # A rule's own figures may be undefined for now (a slot not yet filled): left out.
+        record = {k: v for k, v in record.items() if math.isfinite(v)}
         if bad:
             raise DivergenceError(
                 f"Evaluation at step {record['step']} gave non-finite {', '.join(bad)}. "

@@ -50,7 +50,7 @@ def mean_offdiagonal_correlation(z: jax.Array) -> jax.Array:
     return (jnp.sum(corr) - jnp.trace(corr)) / max(n * (n - 1), 1)
 
 
-def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int):
+def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int) -> rules.base.EvalSplit:
     """Pads a split to whole chunks of ``size``: arrays [C, size, ...] and a mask [C, size]."""
     n = x.shape[0]
     size = max(1, min(size, n))
@@ -60,7 +60,7 @@ def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int):
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
     reshape = lambda a: jnp.asarray(a.reshape(chunks, size, *a.shape[1:]))
-    return reshape(x), reshape(y), reshape(mask), n
+    return rules.base.EvalSplit(reshape(x), reshape(y), reshape(mask), n)
 
 
 class Experiment:
@@ -101,6 +101,7 @@ class Experiment:
         # The whole splits a rule declares (RuleSpec.splits), as device arrays; never the test.
         x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
         self.rule_data = {"train": (self.x_train, self.y_train), "val": (x_val, y_val)}
+
         self.default_hparams = config_lib.hparams(config)
         self._check_shapes()
         # Build once on concrete values: bad rule options fail here, before anything compiles.
@@ -194,18 +195,7 @@ class Experiment:
 
     def evaluate_split(self, variables: Any, split: str) -> dict[str, jax.Array]:
         """Mean loss (and accuracy) over a whole split, in chunks of ``eval_batch_size``."""
-        xs, ys, masks, n = self.splits[split]
-
-        def chunk(args):
-            x, y, mask = args
-            out = self.model.apply(variables, x)
-            per = {"loss": self.task.loss(out, y)}
-            if self.task.is_classification:
-                per["accuracy"] = (jnp.argmax(out, -1) == y).astype(jnp.float32)
-            return {k: jnp.sum(v * mask) for k, v in per.items()}
-
-        sums = jax.lax.map(chunk, (xs, ys, masks))
-        return {k: jnp.sum(v) / n for k, v in sums.items()}
+        return rules.base.split_figures(self.model, self.task, variables, self.splits[split])
 
     def diagnostics(self, state: TrainState) -> dict[str, jax.Array]:
         """Rule diagnostics on a fixed probe batch (the first ``batch_size`` training samples).
@@ -236,11 +226,16 @@ class Experiment:
         return out
 
     def evaluate(self, state: TrainState) -> dict[str, jax.Array]:
-        """``{split}_{metric}`` for every non-empty split (train, val, test), and diagnostics."""
+        """``{split}_{metric}`` for every non-empty split (train, val, test), diagnostics, and
+        the rule's own ``report`` as ``rule/<name>``."""
         out = {}
         for split in self.splits:
             for name, value in self.evaluate_split(state.variables, split).items():
                 out[f"{split}_{name}"] = value
+        rule = self.build_rule(state.hparams)
+        if rule.report is not None:
+            report = rule.report(state.variables, state.rule_state, self.splits)
+            out.update({f"rule/{name}": value for name, value in report.items()})
         return {**out, **self.diagnostics(state)}
 
 

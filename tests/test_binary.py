@@ -89,9 +89,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
 
 
 def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
-    flags = (*DIGITS_FLAGS[:1], "--config.steps=1000", "--config.eval_every=100")
+    flags = (*DIGITS_FLAGS[:1], "--config.steps=600", "--config.eval_every=60")
     config = digits.get_config()  # what the flags give, trained whole in this process
-    config.steps, config.eval_every = 1000, 100
+    config.steps, config.eval_every = 600, 60
     runner.run(config, tmp_path / "whole")
 
     cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'cut'}", *flags]

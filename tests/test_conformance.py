@@ -82,6 +82,13 @@ SETUPS = {
         defaults=dict(steps=200, max_train_loss=1.0, min_test_accuracy=0.7),
         sweep=("optimizer.learning_rate", (1e-3, 3e-3)),
     ),
+    "persistent": dict(
+        # Three restarts of 50 steps (with its default 1000-step iterations a short run is only
+        # iteration 0, plain backprop), so the penalty and the restarts are exercised.
+        overrides={"rule.iteration_steps": 3},
+        defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
+        sweep=("rule.strength", (0.0, 10.0)),
+    ),
     "closed_form": dict(
         # In 64-bit mode, as the binaries run it (float32 solves: tests/test_closed_form.py).
         x64=True,

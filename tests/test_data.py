@@ -27,6 +27,7 @@ BUNDLED = {
     "moons": ("classification", 2, (2,), 800, 200),
     "circles": ("classification", 2, (2,), 800, 200),
     "friedman1": ("regression", 1, (10,), 800, 200),
+    "kink": ("regression", 1, (1,), 800, 200),
 }
 
 

@@ -86,7 +86,7 @@ def test_unknown_hyperparameter_is_an_error(experiment):
         ({"loss": "hinge"}, "valid choices: auto, cross_entropy, squared_error"),
         ({"batch_size": 0}, "positive integer"),
         ({"optimizer.learning_rate": -1.0}, "must be > 0"),
-        ({"model.depth": 3}, "valid keys: activation, decorrelation, intrinsic_noise, name"),
+        ({"model.depth": 3}, "valid keys: activation, decorrelation, init_scale, intrinsic"),
     ],
 )
 def test_bad_config_names_the_valid_choices(overrides, match):

@@ -20,6 +20,7 @@ from altlearn.rules import (
     forward_gradient,
     neuron_pso,
     node_perturbation,
+    persistent,
     pso,
     weight_perturbation,
 )
@@ -45,6 +46,7 @@ RULES: dict[str, RuleSpec] = {
     "pso": pso.SPEC,
     "neuron_pso": neuron_pso.SPEC,
     "closed_form": closed_form.SPEC,
+    "persistent": persistent.SPEC,
 }
 
 
@@ -55,8 +57,14 @@ def get_rule_spec(name: str) -> RuleSpec:
 
 
 def options_of(name: str) -> dict[str, Any]:
-    """The options of rule ``name`` with their defaults."""
-    return rule_options(get_rule_spec(name))
+    """The options of rule ``name`` with their defaults; a nested rule's options
+    (``RuleSpec.nested``) are that rule's defaults."""
+    spec = get_rule_spec(name)
+    options = rule_options(spec)
+    for key, rule_key in spec.nested:
+        if options[key] is None:
+            options[key] = options_of(options[rule_key])
+    return options
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:

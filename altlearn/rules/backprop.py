@@ -56,4 +56,5 @@ SPEC = RuleSpec(
     summary="exact gradient by jax.grad; DBP on a decorrelated model",
     source="baseline",
     cost=cost,
+    gradient_like=True,
 )

@@ -65,6 +65,11 @@ class LearningRule(NamedTuple):
     estimate: Callable[[jax.Array, Variables, Any, Batch], tuple[Any, EstimateAux, Any]] | None = (
         None
     )
+    # Optional: report(variables, state, splits) -> {name: scalar}, figures of the rule's own
+    # state on the evaluation splits ({'train', 'val', 'test'}: EvalSplit), added to every
+    # evaluation record. Evaluation only: it cannot change the state, so the test split it sees
+    # never feeds back into training.
+    report: Callable[[Variables, Any, dict[str, EvalSplit]], Metrics] | None = None
 
 
 def never(options: dict[str, Any]) -> bool:
@@ -81,6 +86,10 @@ class RuleSpec(NamedTuple):
     ``splits`` names the data splits the factory receives whole (``SPLITS``).
     ``wants_x64(options)``: whether the rule solves in float64 where the platform has it (the
     binaries then turn JAX's 64-bit mode on, ``altlearn.train.configure_jax``).
+    ``gradient_like``: the rule's ``LearningRule.estimate`` gives a gradient estimate that a
+    wrapping rule (``persistent``) may use. ``nested``: pairs ``(options_key, rule_key)`` where
+    the option ``options_key`` holds the options of the rule named by option ``rule_key``
+    (filled with that rule's defaults in configs, so ``--config.rule.<options_key>.X`` works).
     """
 
     factory: Callable[..., LearningRule]  # factory(model, task, optimizer, data, **options)
@@ -90,6 +99,8 @@ class RuleSpec(NamedTuple):
     cost: Callable[[Any, dict[str, Any]], float]  # forward-pass equivalents per step
     splits: tuple[str, ...] = ()
     wants_x64: Callable[[dict[str, Any]], bool] = never
+    gradient_like: bool = False
+    nested: tuple[tuple[str, str], ...] = ()
 
 
 def rule_options(spec: RuleSpec) -> dict[str, Any]:
@@ -143,7 +154,7 @@ def with_rng_mode(rule: LearningRule, setting: str) -> LearningRule:
 
         return wrapped
 
-    return LearningRule(*(scoped(fn) for fn in rule))
+    return LearningRule(*(scoped(fn) for fn in rule))  # every field is a function or None
 
 
 def check_count(name: str, value: Any) -> None:
@@ -176,6 +187,36 @@ def params_loss(model: Any, task: Any, variables: Variables, batch: Batch) -> Ca
     collections) on ``batch``, noise-free: the fitness of a population member, the function
     whose ``jax.grad`` is the true gradient."""
     return lambda params: batch_loss(model, task, {**variables, "params": params}, batch)[0]
+
+
+class EvalSplit(NamedTuple):
+    """A whole data split cut into equal chunks for evaluation (the last one padded)."""
+
+    x: jax.Array  # [C, S, ...]
+    y: jax.Array  # [C, S] or [C, S, K]
+    mask: jax.Array  # [C, S], 1.0 for a real sample, 0.0 for padding
+    count: int  # real samples (static)
+
+
+def map_chunks(fn: Callable[[jax.Array], Any], split: EvalSplit) -> Any:
+    """``fn(x_chunk)`` for every chunk of ``split``, stacked [C, ...] (one chunk in memory at a
+    time)."""
+    return jax.lax.map(fn, split.x)
+
+
+def split_figures(model: Any, task: Any, variables: Variables, split: EvalSplit):
+    """Mean loss (and accuracy, for classification) of ``variables`` over a whole split."""
+
+    def chunk(args):
+        x, y, mask = args
+        out = model.apply(variables, x)
+        per = {"loss": task.loss(out, y)}
+        if task.is_classification:
+            per["accuracy"] = (jnp.argmax(out, -1) == y).astype(jnp.float32)
+        return {k: jnp.sum(v * mask) for k, v in per.items()}
+
+    sums = jax.lax.map(chunk, (split.x, split.y, split.mask))
+    return {k: jnp.sum(v) / split.count for k, v in sums.items()}
 
 
 class GradientRuleState(NamedTuple):

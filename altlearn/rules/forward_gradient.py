@@ -94,4 +94,5 @@ SPEC = RuleSpec(
     summary="weight-space directional derivative along a random tangent (one jvp)",
     source="Baydin et al. 2022 (arXiv 2202.08587)",
     cost=cost,
+    gradient_like=True,
 )

@@ -244,4 +244,5 @@ SPEC = RuleSpec(
     "(variants np, anp, inp; finite difference or jvp); DNP/DANP/DINP on a decorrelated model",
     source="paper 003 (Dalm et al., arXiv 2310.00965)",
     cost=cost,
+    gradient_like=True,
 )

@@ -168,12 +168,15 @@ def _floats(tree: dict[str, Any]) -> dict[str, float]:
 def _rule_metrics(step_metrics: dict[str, Any]) -> dict[str, float]:
     """The rule's own per-step metrics as ``rule/<name>``: their mean over the chunk (with
     eval_every=1, each step's value, e.g. closed_form's accepted / step_length per alternation).
-    Non-finite values (e.g. a fitness mean when every member was NaN) are left out."""
+    A metric a rule reports on some steps only (NaN on the others, e.g. hybrid's evolution
+    phases) is the mean over the steps that have it. Non-finite values (e.g. a fitness mean when
+    every member was NaN) are left out."""
     out = {}
     for name, values in step_metrics.items():
         if name == "loss":
             continue
-        value = float(np.mean(np.asarray(values, np.float64)))
+        values = np.asarray(values, np.float64)
+        value = float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else np.nan
         if math.isfinite(value):
             out[f"rule/{name}"] = value
     return out

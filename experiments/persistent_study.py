@@ -384,7 +384,8 @@ def kink_plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     data = [np.log10(np.maximum(r["train_loss"], 1e-8)) for r in result["results"].values()]
-    ax.boxplot(data, labels=list(result["results"]), showfliers=True)
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(np.arange(1, len(data) + 1), list(result["results"]))
     for i, d in enumerate(data):
         ax.plot(
             np.full(len(d), i + 1) + np.random.default_rng(i).uniform(-0.15, 0.15, len(d)),
@@ -450,6 +451,14 @@ def main(argv: list[str]) -> None:
     del argv
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tables = {"toy": (toy_table, toy_plot), "kink": (kink_table, kink_plot)}
+    tables["cnn"] = (cnn_table, cnn_plot)
+    if _REPLOT.value:  # tables and plot again from OUT.json, nothing trained
+        result = json.loads(out.with_suffix(".json").read_text())
+        table, plot = tables[_STUDY.value]
+        out.with_suffix(".md").write_text(f"`{result['command']}`\n\n{table(result)}\n")
+        plot(result, out.with_suffix(".png"))
+        return
     t = time.perf_counter()
     if _STUDY.value == "toy":
         result = toy_study(_ITERATIONS.value, _STEPS.value, 0.05)
@@ -480,4 +489,5 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _GOOD_LOSS = flags.DEFINE_float("good_loss", 0.01, "kink: the training loss called good.")
     _DATA = flags.DEFINE_list("data", ["digits", "mnist1d"], "cnn: datasets.")
     _OUT = flags.DEFINE_string("out", "runs/persistent", "Output prefix (.json, .md, .png).")
+    _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw OUT.md and OUT.png from OUT.json.")
     app.run(main)

@@ -136,7 +136,7 @@ def run_binary(workdir, *flags, timeout=240):
         (
             ("--config=experiments/configs/nope.py",),
             "error: config file 'experiments/configs/nope.py' not found; config files in "
-            "experiments/configs: closed_form.py, default.py, digits.py, np_family.py",
+            "experiments/configs: closed_form.py, default.py, digits.py, hybrid.py",
         ),
         ((f"--config={DEFAULT}:data=mnist",), "train-images-idx3-ubyte"),
         ((f"--config={DEFAULT}:data=iris,model=cnn",), "1-D signal"),

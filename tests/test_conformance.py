@@ -89,6 +89,15 @@ SETUPS = {
         defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
         sweep=("rule.strength", (0.0, 10.0)),
     ),
+    "hybrid": dict(
+        # A phase every 20 steps (the default, 100, would not come in a short run); in the
+        # mechanics tests every 2 steps with small populations.
+        mechanics={"rule.es_every": 2, "rule.population_size": 2, "rule.val_size": 32},
+        overrides={"rule.es_every": 20},
+        defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
+        tuned=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
+        sweep=("rule.noise_scale", (0.0, 0.05)),
+    ),
     "closed_form": dict(
         # In 64-bit mode, as the binaries run it (float32 solves: tests/test_closed_form.py).
         x64=True,

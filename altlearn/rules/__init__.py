@@ -6,6 +6,7 @@ factory, what it needs, its cost per step and its docs row.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from altlearn.rules import (
     closed_form,
     evolution,
     forward_gradient,
+    hybrid,
     neuron_pso,
     node_perturbation,
     persistent,
@@ -47,6 +49,7 @@ RULES: dict[str, RuleSpec] = {
     "neuron_pso": neuron_pso.SPEC,
     "closed_form": closed_form.SPEC,
     "persistent": persistent.SPEC,
+    "hybrid": hybrid.SPEC,
 }
 
 
@@ -79,9 +82,17 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {**valid, **options}
 
 
-def step_cost(name: str, model: Model, options: Mapping[str, Any] | None = None) -> float:
-    """Forward-pass equivalents one step of rule ``name`` spends (its ``RuleSpec.cost``)."""
-    return float(get_rule_spec(name).cost(model, check_options(name, options or {})))
+def step_cost(
+    name: str, model: Model, options: Mapping[str, Any] | None = None, batch_size: int | None = None
+) -> float:
+    """Forward-pass equivalents one step of rule ``name`` spends (its ``RuleSpec.cost``), in
+    passes of a training batch. A rule that also evaluates other data (hybrid's validation
+    samples) takes ``batch_size`` as its cost's third argument to convert."""
+    cost = get_rule_spec(name).cost
+    options = check_options(name, options or {})
+    if "batch_size" in inspect.signature(cost).parameters:
+        return float(cost(model, options, batch_size))
+    return float(cost(model, options))
 
 
 def wants_x64(name: str, options: Mapping[str, Any] | None = None) -> bool:

@@ -169,6 +169,24 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be > 0, got {value}.")
 
 
+def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
+    """``fn(operand)`` if ``pred`` else ``operand`` (``fn`` keeps the pytree's structure).
+
+    For an occasional expensive branch (an evolution phase every k steps, a restart): under
+    ``vmap`` with a batched predicate ``lax.cond`` turns into a ``select`` that computes the
+    branch at EVERY step. Here the branch is a ``while_loop`` of 0 or 1 iterations, which under
+    ``vmap`` runs while any member needs it: when all members share the predicate (a step
+    count, as in a vmapped sweep), the branch runs only on the steps that take it.
+    """
+
+    def body(carry):
+        i, x = carry
+        return i + 1, fn(x)
+
+    limit = jnp.asarray(pred).astype(jnp.int32)
+    return jax.lax.while_loop(lambda c: c[0] < limit, body, (jnp.zeros((), jnp.int32), operand))[1]
+
+
 def batch_loss(model: Any, task: Any, variables: Variables, batch: Batch, key=None):
     """(mean batch loss, clean layer inputs by layer name, or None for a forward-only model).
 

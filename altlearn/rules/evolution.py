@@ -61,20 +61,26 @@ mean, and flags it in ``metrics['strategy_nonfinite']``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from evosax.algorithms import algorithms as EVOSAX_ALGORITHMS
 from evosax.algorithms.distribution_based.sv.base import SV_ES
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
 from jax.flatten_util import ravel_pytree
 
 from altlearn.losses import Task
 from altlearn.models import Model
+from altlearn.rules._evosax import (
+    build_strategy,
+    check_strategy_options,
+    constructor_args,
+    is_float,
+    param_fields,
+    strategy_class,
+    strong,
+)
 from altlearn.rules._population import (
     activation_bytes,
     chunk_size_for,
@@ -94,120 +100,12 @@ from altlearn.rules.base import (
     with_rng_mode,
 )
 
-STRATEGIES: dict[str, type] = dict(sorted(EVOSAX_ALGORITHMS.items(), key=lambda kv: kv[0].lower()))
-QUADRATIC_MEMORY = (
-    "ASEBO",
-    "CMA_ES",
-    "DiffusionEvolution",
-    "MA_ES",
-    "SV_CMA_ES",
-    "iAMaLGaM_Full",
-    "xNES",
-)
-LOW_MEMORY_ALTERNATIVES = ("Sep_CMA_ES", "SNES", "Open_ES", "PGPE")
-SET_BY_RULE = ("self", "population_size", "solution")  # constructor arguments the rule fills
 UNFIT_FITNESS = 1e30  # stands in for NaN/inf fitness when no member of a generation is finite
 
 
 class EvolutionState(NamedTuple):
     es_state: Any  # the evosax strategy state
     evaluated: jax.Array | None  # population-based only: bool [], initial population evaluated
-
-
-def _strong(tree: Any) -> Any:
-    """``tree`` without weak types: evosax states mix Python scalars (weakly typed) with arrays,
-    and the state must keep one type from ``init`` on (a ``lax.scan`` carry, one jit trace)."""
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.result_type(a)), tree)
-
-
-def _strategy_class(name: str) -> type:
-    if name not in STRATEGIES:
-        raise ValueError(
-            f"Unknown evosax strategy {name!r}; valid choices: {', '.join(STRATEGIES)}."
-        )
-    return STRATEGIES[name]
-
-
-def _constructor_args(cls: type) -> dict[str, inspect.Parameter]:
-    """The constructor arguments a user may set through ``strategy_kwargs``."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p for k, p in params.items() if k not in SET_BY_RULE}
-
-
-def _param_fields(cls: type) -> tuple[str, ...]:
-    """Field names of the strategy's ``Params`` dataclass (what ``default_params`` holds)."""
-    return tuple(f.name for f in dataclasses.fields(sys.modules[cls.__module__].Params))
-
-
-def _is_float(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, float):
-        return True
-    return getattr(value, "ndim", None) == 0 and jnp.issubdtype(value.dtype, jnp.floating)
-
-
-def _check_strategy_options(
-    name: str, kwargs: dict[str, Any], params: dict[str, Any]
-) -> tuple[type, bool]:
-    """Validates names; returns the class and whether ``std_init`` sets its ``std_schedule``."""
-    cls = _strategy_class(name)
-    valid = _constructor_args(cls)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"Unknown strategy_kwargs {unknown} for {name}({cls.__name__}); valid constructor "
-            f"arguments: {', '.join(valid)} (population_size and solution are set by the rule)."
-        )
-    missing = [
-        k
-        for k, p in valid.items()
-        if p.default is inspect.Parameter.empty and k not in kwargs and p.kind != p.VAR_KEYWORD
-    ]
-    if missing:
-        raise ValueError(f"Strategy {name} needs strategy_kwargs {missing} (no default).")
-    std_schedule = "std_schedule" in valid
-    fields = _param_fields(cls)
-    allowed = (*fields, "std_init") if std_schedule else fields
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        hint = " (std_init sets the constant std_schedule)" if std_schedule else ""
-        raise ValueError(
-            f"Unknown strategy_params {unknown} for {name}; valid fields: "
-            f"{', '.join(dict.fromkeys(allowed)) or '(none)'}{hint}."
-        )
-    if std_schedule and "std_init" in params and "std_schedule" in kwargs:
-        raise ValueError(
-            f"Give {name} either strategy_params.std_init or strategy_kwargs.std_schedule."
-        )
-    return cls, std_schedule
-
-
-def _build_strategy(
-    name: str,
-    cls: type,
-    population_size: int,
-    solution: Any,
-    kwargs: dict[str, Any],
-    max_cma_dims: int,
-) -> Any:
-    num_dims = sum(int(leaf.size) for leaf in jax.tree.leaves(solution))
-    quadratic = name in QUADRATIC_MEMORY and not (
-        name == "DiffusionEvolution" and kwargs.get("num_latent_dims")
-    )
-    if quadratic and num_dims > max_cma_dims:
-        raise ValueError(
-            f"Strategy {name} stores a num_dims x num_dims matrix ({num_dims}^2 = "
-            f"{num_dims**2:.3g} entries, {4 * num_dims**2 / 2**30:.3g} GiB) but max_cma_dims is "
-            f"{max_cma_dims}. Use a diagonal or low-rank strategy "
-            f"({', '.join(LOW_MEMORY_ALTERNATIVES)}) or raise rule.max_cma_dims."
-        )
-    try:
-        return cls(population_size=population_size, solution=solution, **kwargs)
-    except AssertionError as e:  # evosax checks its size constraints with asserts
-        raise ValueError(
-            f"Strategy {name} cannot run with population_size={population_size}: {e}"
-        ) from None
 
 
 def strategy_param_defaults(
@@ -223,18 +121,18 @@ def strategy_param_defaults(
     put in a config only those a run should override or sweep.
     """
     kwargs = dict(strategy_kwargs or {})
-    cls = _strategy_class(strategy)
-    args = _constructor_args(cls)
+    cls = strategy_class(strategy)
+    args = constructor_args(cls)
     out = {}
-    if _param_fields(cls):
+    if param_fields(cls):
         if "num_populations" in args:
             kwargs.setdefault("num_populations", 1)
-        _check_strategy_options(strategy, kwargs, {})
+        check_strategy_options(strategy, kwargs, {})
         solution = jnp.zeros((num_dims,), jnp.float32)
-        built = _build_strategy(strategy, cls, population_size, solution, kwargs, num_dims)
+        built = build_strategy(strategy, cls, population_size, solution, kwargs, num_dims)
         for f in dataclasses.fields(built.default_params):
             value = getattr(built.default_params, f.name)
-            if _is_float(value):
+            if is_float(value):
                 out[f.name] = float(value)
     if "std_schedule" in args:
         out["std_init"] = float(args["std_schedule"].default(0))
@@ -282,12 +180,12 @@ def evolution(
     del data
     kwargs = dict(strategy_kwargs or {})
     params_in = dict(strategy_params or {})
-    cls, std_schedule = _check_strategy_options(strategy, kwargs, params_in)
+    cls, std_schedule = check_strategy_options(strategy, kwargs, params_in)
     population_size = int(population_size)
     check_count("population_size", population_size)
     check_positive("init_scale", init_scale)
     population_based = issubclass(cls, PopulationBasedAlgorithm)
-    takes_std = std_schedule or "std_init" in _param_fields(cls)
+    takes_std = std_schedule or "std_init" in param_fields(cls)
     if (
         takes_std
         and not population_based
@@ -298,13 +196,9 @@ def evolution(
         check_positive("strategy_params.std_init", params_in["std_init"])
     if std_schedule and "std_init" in params_in:
         kwargs["std_schedule"] = optax.constant_schedule(params_in["std_init"])
-    if (
-        optimizer is not None
-        and "optimizer" in _constructor_args(cls)
-        and "optimizer" not in kwargs
-    ):
+    if optimizer is not None and "optimizer" in constructor_args(cls) and "optimizer" not in kwargs:
         kwargs["optimizer"] = optimizer
-    field_overrides = {k: v for k, v in params_in.items() if k in _param_fields(cls)}
+    field_overrides = {k: v for k, v in params_in.items() if k in param_fields(cls)}
     num_means = int(kwargs["num_populations"]) if issubclass(cls, SV_ES) else 0
     total = population_size * max(num_means, 1)  # members evaluated per generation
     sharding = population_sharding(total) if shard else None
@@ -318,7 +212,7 @@ def evolution(
         """
         with jax.ensure_compile_time_eval():
             template = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
-            es = _build_strategy(strategy, cls, population_size, template, kwargs, max_cma_dims)
+            es = build_strategy(strategy, cls, population_size, template, kwargs, max_cma_dims)
             defaults = es.default_params
         return es, defaults.replace(**field_overrides)
 
@@ -360,7 +254,7 @@ def evolution(
         es, es_params = build(params)
         key_init, key_means = jax.random.split(key)
         mean = around(key_means, params, num_means) if num_means else params
-        return EvolutionState(_strong(es.init(key_init, mean, es_params)), None)
+        return EvolutionState(strong(es.init(key_init, mean, es_params)), None)
 
     def step_distribution(
         key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
@@ -389,7 +283,7 @@ def evolution(
             new_params = unravel(es_state.mean)
         metrics = generation_metrics(loss, raw, finite)
         metrics["strategy_nonfinite"] = (~healthy).astype(jnp.int32)
-        new_state = EvolutionState(_strong(es_state), None)
+        new_state = EvolutionState(strong(es_state), None)
         return {**variables, "params": new_params}, new_state, metrics
 
     # POPULATION-BASED strategies: init(key, population, fitness) needs an evaluated population,
@@ -401,7 +295,7 @@ def evolution(
         population = around(key_population, params, population_size)
         fitness = jnp.full((population_size,), jnp.inf)  # a placeholder
         es_state = es.init(key_init, population, fitness, es_params)
-        return EvolutionState(_strong(es_state), jnp.zeros((), bool))
+        return EvolutionState(strong(es_state), jnp.zeros((), bool))
 
     def step_population(
         key: jax.Array, variables: Variables, state: EvolutionState, batch: Batch
@@ -429,7 +323,7 @@ def evolution(
         new_params = jax.tree.map(
             lambda pop, p: jnp.where(better, pop[best], p), population, params
         )
-        new_state = EvolutionState(_strong(es_state), jnp.ones((), bool))
+        new_state = EvolutionState(strong(es_state), jnp.ones((), bool))
         return {**variables, "params": new_params}, new_state, generation_metrics(loss, raw, finite)
 
     if population_based:

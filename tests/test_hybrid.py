@@ -1,0 +1,248 @@
+"""The backprop + evolution hybrid (paper 004): the elitist phase never worsens the validation
+loss, zero noise or no phase is backprop exactly, layer selection, the validation split (never
+the test split), resume, the binary, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config
+from test_cli import run_binary
+
+from altlearn import losses, models, rules, runner
+from altlearn.rules.hybrid import select_layers
+from altlearn.train import Experiment
+
+TASK = losses.make_task("classification")
+LR = 0.05
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = models.mlp((6,), 3, widths=(8, 8))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(keys[0], (96, 6))
+    y = jax.random.randint(keys[1], (96,), 0, 3)
+    variables = model.init(keys[2], x[:1])
+    data = {"train": (x[:64], y[:64]), "val": (x[64:], y[64:])}
+    batches = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
+    return model, variables, data, batches
+
+
+def _hybrid(problem, **options):
+    model, _, data, _ = problem
+    return rules.make_rule("hybrid", model, TASK, optax.sgd(LR), {"val": data["val"]}, **options)
+
+
+def _val_loss(problem, variables):
+    model, _, data, _ = problem
+    return float(rules.batch_loss(model, TASK, variables, data["val"])[0])
+
+
+def _steps(rule, variables, batches, steps, key=5):
+    """(variables, state, metrics) after each of ``steps`` jitted steps."""
+    state = rule.init(jax.random.PRNGKey(1), variables)
+    step = jax.jit(rule.step)
+    out = []
+    for t in range(steps):
+        variables, state, metrics = step(
+            jax.random.fold_in(jax.random.PRNGKey(key), t), variables, state, batches[t % 4]
+        )
+        out.append((variables, state, metrics))
+    return out
+
+
+@pytest.mark.parametrize("noise_scale", [1e-2, 1.0])
+@pytest.mark.parametrize("strategy", ["elitist", "HillClimbing"])
+def test_a_phase_never_returns_a_worse_validation_loss(problem, noise_scale, strategy):
+    """es_every=1: every step is a backprop step then a phase. From the same state, the
+    phase's result has a validation loss no higher than the backprop step's (large noise: the
+    offspring are mostly worse and the parent must survive)."""
+    model, variables, _, batches = problem
+    rule = _hybrid(problem, es_every=1, noise_scale=noise_scale, strategy=strategy)
+    backprop = rules.make_rule("backprop", model, TASK, optax.sgd(LR), {})
+    state = rule.init(jax.random.PRNGKey(1), variables)
+    accepted = 0
+    for t in range(6):
+        key = jax.random.PRNGKey(t)
+        bp_variables, _, _ = jax.jit(backprop.step)(
+            jax.random.split(key)[0], variables, state.train, batches[t % 4]
+        )
+        variables, state, metrics = jax.jit(rule.step)(key, variables, state, batches[t % 4])
+        assert _val_loss(problem, variables) <= _val_loss(problem, bp_variables) + 1e-7
+        np.testing.assert_allclose(
+            metrics["val_loss_before"], _val_loss(problem, bp_variables), rtol=1e-5
+        )
+        np.testing.assert_allclose(metrics["val_loss_after"], _val_loss(problem, variables), 1e-5)
+        assert float(metrics["val_loss_change"]) <= 0
+        accepted += int(metrics["accepted"])
+    assert int(state.accepted) == accepted and int(state.phases) == 6
+    if noise_scale == 1e-2:
+        assert accepted >= 1  # small steps around an untrained net: some are better
+
+
+def test_zero_noise_in_a_sweep_or_no_phase_is_backprop_exactly(problem):
+    """s = 0 (a traced value: a sweep point) makes every offspring the parent, never accepted;
+    es_every beyond the run runs no phase: both equal backprop (the same jitted scan of 6
+    steps), also with the optimizer state reset on acceptance."""
+    model, variables, _, batches = problem
+    xs = jnp.stack([b[0] for b in batches]), jnp.stack([b[1] for b in batches])
+
+    def scan(rule):
+        def body(carry, t):
+            v, state = carry
+            batch = (xs[0][t % 4], xs[1][t % 4])
+            key = jax.random.fold_in(jax.random.PRNGKey(5), t)
+            v, state, _ = rule.step(key, v, state, batch)
+            return (v, state), None
+
+        state = rule.init(jax.random.PRNGKey(1), variables)
+        return jax.lax.scan(body, (variables, state), jnp.arange(6))[0][0]["params"]
+
+    backprop = rules.make_rule("backprop", model, TASK, optax.sgd(LR), {})
+    reference = jax.jit(lambda: scan(backprop))()
+    never = jax.jit(lambda: scan(_hybrid(problem, es_every=100)))()
+    jax.tree.map(np.testing.assert_array_equal, never, reference)
+
+    def run(noise_scale):
+        return scan(_hybrid(problem, es_every=2, noise_scale=noise_scale, on_accept="reset"))
+
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(run)(0.0), reference)
+    swept = jax.jit(jax.vmap(run))(jnp.asarray([0.0, 0.05]))  # a sweep: to rounding
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-7), swept, reference
+    )
+    moved = jax.tree.map(lambda a: a[1], swept)
+    assert (
+        max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(reference))
+        )
+        > 1e-4
+    )
+
+
+@pytest.mark.parametrize("layers", [("head",), ("layer_0", "layer_1")])
+def test_layer_selection_changes_only_the_selected_layers(problem, layers):
+    model, variables, _, batches = problem
+    rule = _hybrid(problem, es_every=1, noise_scale=0.01, layers=layers, population_size=16)
+    backprop = rules.make_rule("backprop", model, TASK, optax.sgd(LR), {})
+    selected = select_layers(model.layer_names, layers)
+    state = rule.init(jax.random.PRNGKey(1), variables)
+    changed = set()
+    for t in range(4):
+        key = jax.random.PRNGKey(t)
+        bp_variables, _, _ = jax.jit(backprop.step)(
+            jax.random.split(key)[0], variables, state.train, batches[t]
+        )
+        variables, state, _ = jax.jit(rule.step)(key, variables, state, batches[t])
+        for name in model.layer_names:
+            # Apart from rounding (two compiled programs), or moved by a phase (noise 1e-2 std)
+            moved = max(
+                float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(
+                    jax.tree.leaves(variables["params"][name]),
+                    jax.tree.leaves(bp_variables["params"][name]),
+                )
+            )
+            if name not in selected:
+                assert moved < 1e-6, name
+            elif moved > 1e-4:
+                changed.add(name)
+    assert changed == set(selected), changed  # an accepted phase moves every selected layer
+
+
+def test_phases_score_the_validation_split_and_the_test_split_is_never_offered(
+    problem, monkeypatch
+):
+    """The phase's parent loss is the loss on the first val_size validation samples; the rule
+    declares only the val split, and the training loop offers a rule only what it declares."""
+    model, variables, data, batches = problem
+    rule = _hybrid(problem, es_every=1, val_size=10)
+    _, _, metrics = _steps(rule, variables, batches, 1)[0]
+    backprop = rules.make_rule("backprop", model, TASK, optax.sgd(LR), {})
+    bp = _steps(backprop, variables, batches, 1)[0][0]
+    x, y = data["val"]
+    expected = float(rules.batch_loss(model, TASK, bp, (x[:10], y[:10]))[0])
+    np.testing.assert_allclose(metrics["val_loss_before"], expected, rtol=1e-5)
+    assert rules.RULES["hybrid"].splits == ("val",)
+    offered = []
+    original = rules.make_rule
+
+    def spy(name, model, task, optimizer, data=None, **options):
+        offered.append(set(data or {}))
+        return original(name, model, task, optimizer, data, **options)
+
+    monkeypatch.setattr(rules, "make_rule", spy)
+    experiment = Experiment(tiny_config("hybrid"))
+    jax.eval_shape(experiment.init, jax.random.PRNGKey(0))
+    assert offered and offered[0] == {"val"}  # the rule asked for val and got val only
+    assert "test" not in experiment.rule_data
+
+
+def test_hybrid_learns_and_resumes_to_identical_numbers(tmp_path):
+    """Through the runner on digits: it learns, phases are counted and reported, and a run
+    interrupted between phases resumes to the same numbers."""
+    config = tiny_config("hybrid", steps=40, **{"rule.es_every": 10})
+    config.eval_every = 10
+    whole = runner.run(config, tmp_path / "whole")
+    assert whole["rule/phases"] == 4
+    assert 0 <= whole["rule/acceptance_rate"] <= 1
+    assert whole["train_loss"] < 0.5
+
+    def interrupt(record):
+        if record["step"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(config, tmp_path / "cut", on_eval=interrupt)
+    resumed = runner.run(config, tmp_path / "cut")
+    for key in ("train_loss", "val_loss", "test_loss", "rule/accepted_phases"):
+        assert resumed[key] == whole[key], key
+
+
+def test_binary_runs_the_hybrid_config(tmp_path):
+    result = run_binary(
+        tmp_path,
+        "--config=experiments/configs/hybrid.py:data=digits",
+        "--config.rule.es_every=5",
+        "--config.rule.layers=('head',)",
+        "--config.steps=10",
+        "--config.eval_every=5",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 10 and summary["rule/phases"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("rule/val_loss_change" in r for r in records if r["step"] > 0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(layers=("conv*",)), r"matches no layer; the model's layers: layer_0, layer_1"),
+        (dict(noise_scale=0.0), "noise_scale must be > 0"),
+        (dict(population_size=0), "population_size must be >= 1"),
+        (dict(es_every=0), "es_every must be >= 1"),
+        (dict(strategy="Nope_ES"), "Unknown evosax strategy 'Nope_ES'; valid choices: "),
+        (dict(on_accept="drop"), "valid choices: keep, reset"),
+        (dict(guide=True), "guide=True needs strategy='GuidedES'"),
+        (dict(strategy_params={"std_init": 1.0}), "the elitist .1 \\+ lambda. strategy has none"),
+    ],
+)
+def test_bad_options_are_clear_errors(problem, options, message):
+    with pytest.raises(ValueError, match=message):
+        _hybrid(problem, **options)
+
+
+def test_needs_a_validation_split(problem):
+    model, _, _, _ = problem
+    with pytest.raises(ValueError, match="needs the val split"):
+        rules.make_rule("hybrid", model, TASK, optax.sgd(LR), {})
+    config = tiny_config("hybrid")
+    config.data.validation_fraction = 0.0
+    with pytest.raises(ValueError, match="validation_fraction"):
+        Experiment(config)

@@ -20,9 +20,9 @@ from jax.flatten_util import ravel_pytree
 from altlearn.config import base_config
 from altlearn.rules.base import params_loss
 from altlearn.train import Experiment
-from benchmarks import closed_form, evolution, harness, overhead, pso, rules
+from benchmarks import closed_form, evolution, harness, hybrid, overhead, pso, rules
 
-MODULES = (closed_form, evolution, harness, overhead, pso, rules)
+MODULES = (closed_form, evolution, harness, hybrid, overhead, pso, rules)
 
 
 def _positive(value) -> bool:
@@ -269,3 +269,14 @@ def test_closed_form_measure_writes_well_formed_results(tmp_path):
 def test_closed_form_needs_64_bit_mode():
     with jax.enable_x64(False), pytest.raises(ValueError, match="64-bit"):
         closed_form.measure_point(16, 2, repeats=1, **TINY)
+
+
+def test_hybrid_measure_times_the_same_steps_with_one_phase():
+    """Both chunks run es_every steps (the hybrid's with one phase at its end); the phase's time
+    and the forward-pass ratio are well formed."""
+    result = hybrid.measure("cpu", "digits", repeats=1, es_every=10)
+    every = result["es_every"]
+    assert result["steps_run"] == {"bp": 2 * every, "hybrid": 2 * every}  # warm-up + 1 round
+    assert result["cost_ratio_vs_bp"] > 1 and _positive(result["bp_step_ms"])
+    assert math.isfinite(result["phase_s"]) and _positive(result["ratio_vs_bp"])
+    assert "| cpu | cnn, digits |" in hybrid.markdown_table(result)

@@ -252,3 +252,24 @@ def test_binary_runs_the_config_with_the_inner_rule_switched(tmp_path):
     assert summary["step"] == 20
     val = [summary[f"rule/val_loss/iteration_{i}"] for i in range(4)]
     assert summary["rule/best_iteration"] == float(np.argmin(val))
+
+
+def test_run_if_runs_the_branch_only_on_the_steps_that_take_it_also_under_vmap():
+    """base.run_if: under vmap with a predicate all members share, the branch runs only when
+    it is taken (a lax.cond would become a select computing it every time); with predicates
+    that differ, each member gets its own result."""
+    calls = []
+
+    def branch(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x * 2.0
+
+    run = jax.jit(jax.vmap(lambda p, x: rules.base.run_if(p, branch, x)))
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(run(jnp.zeros(3, bool), x), x)
+    jax.effects_barrier()
+    assert calls == []
+    np.testing.assert_array_equal(run(jnp.ones(3, bool), x), 2 * x)
+    np.testing.assert_array_equal(run(jnp.array([True, False, True]), x), [0.0, 1.0, 4.0])
+    jax.effects_barrier()
+    assert len(calls) == 2

@@ -189,15 +189,8 @@ def hybrid(
             raise
         population_based = issubclass(cls, PopulationBasedAlgorithm)
         takes_std = std_schedule or "std_init" in param_fields(cls)
-        if (
-            takes_std
-            and not population_based
-            and not {"std_init", "std_schedule"}
-            & {
-                *params_in,
-                *kwargs,
-            }
-        ):
+        given = {"std_init", "std_schedule"} & {*params_in, *kwargs}
+        if takes_std and not population_based and not given:
             params_in["std_init"] = 1.0  # z is already scaled by s * std(W_l)
         if std_schedule and "std_init" in params_in:
             kwargs["std_schedule"] = optax.constant_schedule(params_in["std_init"])

@@ -47,7 +47,8 @@ plain loss, as for the additive forms. Iteration 0 is plain training.
   iteration, so that a stored end point is a minimum of L_data alone.
 - The end points live in a fixed-size buffer in the rule state (K parameter copies), so the whole
   K-iteration run is one ``lax.scan``: jit, vmap over seeds and lambda, chunks, checkpoints and a
-  resume in the middle of an iteration work as for any rule.
+  resume in the middle of an iteration work as for any rule. The restart and the final choice
+  run only on their steps, also under vmap (``base.run_if``).
 - Reported params: during iteration k the current iterate; from the end of the last iteration
   on, the end point with the lowest validation loss (the validation split, never the test
   split). Steps after the K-th iteration leave it.
@@ -85,6 +86,7 @@ from altlearn.rules.base import (
     gradient_rule,
     is_concrete,
     map_chunks,
+    run_if,
     split_figures,
 )
 
@@ -332,7 +334,7 @@ def persistent(
             return state.initial, fresh._replace(estimator=fresh.estimator._replace(ends=ends))
 
         start = (pos == 0) & (k >= 1) & (k < num_iterations)
-        variables, train_state = jax.lax.cond(start, restart, lambda a: a, (variables, state.train))
+        variables, train_state = run_if(start, restart, (variables, state.train))
 
         # TRAIN on L_data plus the penalty; lambda annealed over the iteration's last fraction.
         left = (iteration_steps - pos) / (anneal_fraction * iteration_steps + TINY)
@@ -353,7 +355,7 @@ def persistent(
             return {**variables, "params": best}, train_state._replace(estimator=estimator_state)
 
         last = t == num_iterations * iteration_steps - 1
-        variables, new_train = jax.lax.cond(last, finish, lambda a: a, (variables, new_train))
+        variables, new_train = run_if(last, finish, (variables, new_train))
         metrics = {
             **metrics,
             **new_train.estimator.metrics,

@@ -5,9 +5,10 @@ The variant picks the method, the dataset and the scale:
     --config=experiments/configs/hybrid.py:method=bp,data=mnist1d
     --config=experiments/configs/hybrid.py:scale=paper              (VGG16, CIFAR-10)
 
-methods: hybrid (elitist (1 + lambda) phases on all layers), head (phases on the classifier
-head only), no_selection (the same perturbations applied without selection), open_es (the
-phases run evosax's Open_ES in the same space), bp (backprop alone), bp_matched (backprop alone
+methods: hybrid (elitist (1 + lambda) phases on all layers), reset (the same, the optimizer
+state re-initialised when a phase is accepted), head (phases on the classifier head only),
+no_selection (the same perturbations applied without selection), open_es (the phases run
+evosax's Open_ES in the same space), bp (backprop alone), bp_matched (backprop alone
 with extra steps that spend the forward passes the phases spent).
 
 scale=cpu (default): the small CNN (3-wide convolutions of 16 and 32 channels, dense 64) on
@@ -33,6 +34,7 @@ from altlearn.rules import step_cost
 METHODS = {
     # method: (rule, rule options)
     "hybrid": ("hybrid", {}),
+    "reset": ("hybrid", {"on_accept": "reset"}),
     "head": ("hybrid", {"layers": ("head",)}),
     "no_selection": ("hybrid", {"select": False}),
     "open_es": ("hybrid", {"strategy": "Open_ES"}),

@@ -4,7 +4,7 @@ A config is an ``ml_collections.ConfigDict`` with the keys
 
     seed, steps, batch_size, eval_every, eval_batch_size, loss, keep_checkpoints,
     rule.name (+ the rule's own options), model.name (+ the model's options),
-    data.{name, data_dir, validation_fraction, standardize},
+    data.{name, data_dir, validation_fraction, standardize, split_seed},
     optimizer.{name, learning_rate, momentum, weight_decay, schedule, warmup_steps, cycles}.
 
 ``base_config(rule, model, data)`` fills ``rule.*`` and ``model.*`` from the factories'
@@ -47,7 +47,7 @@ TOP_LEVEL_KEYS = {
     "data",
     "optimizer",
 }
-DATA_KEYS = {"name", "data_dir", "validation_fraction", "standardize"}
+DATA_KEYS = {"name", "data_dir", "validation_fraction", "standardize", "split_seed"}
 OPTIMIZER_KEYS = {
     "name",
     "learning_rate",
@@ -78,7 +78,13 @@ def base_config(
     c.rule = _section(rule, rules.options_of(rule))
     c.model = _section(model, models.model_options(model))
     c.data = ml_collections.ConfigDict(
-        {"name": data, "data_dir": "", "validation_fraction": 0.1, "standardize": "auto"}
+        {
+            "name": data,
+            "data_dir": "",
+            "validation_fraction": 0.1,
+            "standardize": "auto",
+            "split_seed": -1,  # the validation split's seed; -1: the run's seed
+        }
     )
     c.optimizer = ml_collections.ConfigDict(
         {

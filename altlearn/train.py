@@ -63,6 +63,13 @@ def _eval_chunks(x: np.ndarray, y: np.ndarray, size: int) -> rules.base.EvalSpli
     return rules.base.EvalSplit(reshape(x), reshape(y), reshape(mask), n)
 
 
+def split_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the validation split: ``data.split_seed``, or the run's seed if it is -1 (a
+    sweep pins it, so that every seed of a point trains on the same split)."""
+    seed = int(config.data.get("split_seed", -1))
+    return int(config.seed) if seed < 0 else seed
+
+
 class Experiment:
     """Data, model, task and rule for one config; every method is pure and jittable."""
 
@@ -73,7 +80,7 @@ class Experiment:
             dataset = data_lib.load_dataset(
                 config.data.name,
                 data_dir=config.data.data_dir or None,
-                seed=config.seed,
+                seed=split_seed(config),
                 validation_fraction=config.data.validation_fraction,
                 standardize=config.data.standardize,
             )

@@ -1,0 +1,142 @@
+"""Sweep axes: what ``--sweep=KEY=SPEC`` means, checked before anything compiles.
+
+SPEC is one of
+    [v1,v2,...]              the values listed (numbers, or names for a structural key)
+    linspace(a,b,n)          numpy.linspace(a, b, n)
+    logspace(a,b,n)          numpy.logspace(a, b, n): 10^a .. 10^b
+    uniform(a,b,n)           n draws from U(a, b), seeded
+    loguniform(a,b,n)        n draws whose log10 is U(log10 a, log10 b), seeded (a, b > 0)
+
+A key is NUMERIC when it is a sweepable float of the config (``config.hparams``: every float
+under ``rule.`` and ``optimizer.``): all numeric points and all seeds train as one vmapped
+program. Any other config key (model widths, population size, ``rule.name``, ``data.name``)
+is STRUCTURAL: one compiled program per structural point, and only a list can give its values.
+Several axes form a grid (``points``).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import re
+import zlib
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from altlearn import config as config_lib
+
+FORMS = "[v1,v2,...], linspace(a,b,n), logspace(a,b,n), uniform(a,b,n), loguniform(a,b,n)"
+_RANGE = re.compile(r"^(linspace|logspace|uniform|loguniform)\((.*)\)$")
+
+
+class Axis(NamedTuple):
+    key: str  # dotted config key, e.g. optimizer.learning_rate
+    values: tuple[Any, ...]
+    numeric: bool  # a sweepable float: vmapped; else structural: compiled per point
+
+
+def sweepable(config: ml_collections.ConfigDict) -> list[str]:
+    """The numeric (vmapped) keys of ``config``."""
+    return sorted(config_lib.hparams(config))
+
+
+def _has_key(config: ml_collections.ConfigDict, key: str) -> bool:
+    node: Any = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``(64,),(128,128)`` -> two items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
+def parse_values(key: str, spec: str, seed: int = 0) -> tuple[Any, ...]:
+    """The values ``spec`` gives, or a one-line error naming the valid forms."""
+    spec = spec.strip()
+    match = _RANGE.match(spec)
+    if match:
+        form, inner = match.groups()
+        try:
+            a, b, n = (ast.literal_eval(part.strip()) for part in inner.split(","))
+        except (ValueError, SyntaxError):
+            raise ValueError(
+                f"--sweep {key}={spec}: {form} takes (a,b,n) with numbers a, b and a count n; "
+                f"valid forms: {FORMS}."
+            ) from None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"--sweep {key}={spec}: n must be an integer >= 1, got {n!r}.")
+        if form == "loguniform" and not (a > 0 and b > 0):
+            raise ValueError(f"--sweep {key}={spec}: loguniform needs a, b > 0.")
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])  # stable across runs
+        values = {
+            "linspace": lambda: np.linspace(a, b, n),
+            "logspace": lambda: np.logspace(a, b, n),
+            "uniform": lambda: rng.uniform(a, b, n),
+            "loguniform": lambda: 10 ** rng.uniform(np.log10(a), np.log10(b), n),
+        }[form]()
+        return tuple(float(v) for v in values)
+    if spec.startswith("[") and spec.endswith("]"):
+        items = [item.strip() for item in _top_level_split(spec[1:-1]) if item.strip()]
+        if not items:
+            raise ValueError(f"--sweep {key}={spec}: an empty list; give at least one value.")
+        out = []
+        for item in items:
+            try:
+                out.append(ast.literal_eval(item))
+            except (ValueError, SyntaxError):
+                out.append(item)  # a bare name: rule.name=[backprop,node_perturbation]
+        return tuple(out)
+    raise ValueError(f"--sweep {key}={spec}: malformed SPEC; valid forms: {FORMS}.")
+
+
+def parse_axis(config: ml_collections.ConfigDict, flag: str, seed: int = 0) -> Axis:
+    """``KEY=SPEC`` as an axis of ``config``: an unknown key names the sweepable ones; a range
+    for a structural key is refused."""
+    key, sep, spec = flag.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--sweep {flag!r}: give KEY=SPEC; valid SPEC forms: {FORMS}.")
+    if not _has_key(config, key):
+        raise ValueError(
+            f"--sweep: unknown config key {key!r}; the numeric (vmapped) keys of this config: "
+            f"{', '.join(sweepable(config))}; any other config key is a structural axis."
+        )
+    numeric = key in config_lib.hparams(config)
+    values = parse_values(key, spec, seed)
+    if not numeric and _RANGE.match(spec.strip()):
+        raise ValueError(
+            f"--sweep {key}={spec}: {key} is structural (one compilation per value), so give "
+            f"its values as a list [v1,v2,...]; numeric ranges are for the sweepable floats: "
+            f"{', '.join(sweepable(config))}."
+        )
+    if numeric:
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
+        if bad:
+            raise ValueError(f"--sweep {key}: {key} takes numbers; got {bad}.")
+        values = tuple(float(v) for v in values)
+    return Axis(key, values, numeric)
+
+
+def points(axes: list[Axis]) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """(structural points, numeric points): the grid of each kind, in the order given."""
+    keys = [a.key for a in axes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--sweep: a key given twice: {keys}.")
+    grid = lambda kind: [
+        dict(zip([a.key for a in kind], combo))
+        for combo in itertools.product(*(a.values for a in kind))
+    ]
+    return grid([a for a in axes if not a.numeric]), grid([a for a in axes if a.numeric])

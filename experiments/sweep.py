@@ -1,0 +1,317 @@
+"""A hyperparameter sweep as one command: every numeric point and seed in one compiled program.
+
+    python -m experiments.sweep --config=experiments/configs/digits.py --workdir=runs/lr \\
+        --sweep='optimizer.learning_rate=logspace(-4,-2,8)' --seeds=3
+    python -m experiments.sweep --config=experiments/configs/np_family.py:method=np \\
+        --workdir=runs/np --sweep='rule.sigma=[1e-3,1e-2]' --sweep='model.widths=[(64,),(256,)]'
+
+``--sweep=KEY=SPEC`` (repeatable; several form a grid; SPEC forms in ``altlearn.sweep``). The
+sweepable floats (``rule.*``, ``optimizer.*``) are numeric axes: all numeric points times all
+seeds train as ONE ``jax.jit(jax.vmap(train))`` program. Any other key is structural: one
+compilation per structural point. Seed s of a point uses the key ``experiments.train
+--config.seed=s`` uses (``PRNGKey(s)``) and the data split of the config's own seed
+(``data.split_seed``, default the config's seed), so a row equals that point trained alone with
+the printed command, to float rounding (vmap may reorder sums).
+
+``--memory_budget_mb``: the points of a structural point run in sequential chunks of one
+compiled program whose XLA memory analysis fits the budget. With several devices each chunk's
+member axis is sharded over them (padded to a multiple of the device count).
+
+Outputs in the workdir: ``sweep.csv`` (a row per point and seed: every swept value, the seed,
+the final train / val / test figures, the step of the best validation loss), ``sweep.json``
+(every evaluation's figures), ``sweep.png`` (the final validation loss against each numeric
+axis, mean and seed spread), and the best point by mean final VALIDATION loss, printed with the
+``experiments.train`` command that reruns it. Each finished chunk is saved
+(``chunks/``): a killed sweep rerun on the same workdir skips them and ends with the same
+``sweep.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from altlearn import config as config_lib
+from altlearn import sweep as sweep_lib
+from altlearn.train import Experiment, split_seed
+
+DEFAULT_CONFIG = "experiments/configs/default.py"
+FIGURES = ("loss", "accuracy")
+
+
+def point_config(base: ml_collections.ConfigDict, point: dict[str, Any], split: int):
+    """``base`` with a structural point's values (a rule or model name switches the section)
+    and the validation split pinned to seed ``split``."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.data.split_seed = split
+    for kind in config_lib.SWITCHABLE:
+        name = point.get(f"{kind}.name")
+        if name is not None:
+            config_lib.switch(config, **{kind: name})
+    for key, value in point.items():
+        if key not in ("rule.name", "model.name"):
+            section, _, leaf = key.rpartition(".")
+            node = config
+            for part in filter(None, section.split(".")):
+                node = node[part]
+            node[leaf] = value
+    config_lib.validate(config)
+    return config
+
+
+def make_program(experiment: Experiment, on_trace=None):
+    """``run(key, hparams) -> figures [evaluations]``: one point and seed, evaluated every
+    ``eval_every`` steps on every split (as ``experiments.train`` trains and evaluates)."""
+    config = experiment.config
+    steps, every = int(config.steps), int(config.eval_every)
+    sizes = [every] * (steps // every) + ([steps % every] if steps % every else [])
+
+    def figures(state):
+        return {
+            f"{split}_{name}": value
+            for split in experiment.splits
+            for name, value in experiment.evaluate_split(state.variables, split).items()
+        }
+
+    def run(key: jax.Array, hparams: dict[str, jax.Array]):
+        if on_trace is not None:
+            on_trace()  # tests count compilations
+        state = experiment.init(key, hparams)
+        out = []
+        for size in sorted(set(sizes), reverse=True):  # at most two chunk lengths
+            count = sizes.count(size)
+
+            def body(s, _, size=size):
+                s, _ = experiment.train_steps(s, size)
+                return s, {**figures(s), "step": s.step}
+
+            state, curve = jax.lax.scan(body, state, None, length=count)
+            out.append(curve)
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *out)
+
+    return run
+
+
+def chunk_size(program, keys, hparams, budget_mb: float, devices: int) -> int:
+    """Members per chunk whose compiled program fits ``budget_mb`` (XLA's memory analysis of
+    one- and two-member programs: a fixed part and a part per member); all if no budget."""
+    total = keys.shape[0]
+    padded = -(-total // devices) * devices  # a multiple of the device count
+    if budget_mb <= 0:
+        return padded
+
+    def need(n):
+        lowered = jax.jit(jax.vmap(program)).lower(keys[:n], jax.tree.map(lambda a: a[:n], hparams))
+        m = lowered.compile().memory_analysis()
+        return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+    one, two = need(1), need(2)
+    per, fixed = max(two - one, 1), max(2 * one - two, 0)
+    budget = budget_mb * 2**20
+    if one > budget:
+        raise ValueError(
+            f"--memory_budget_mb={budget_mb:g} is below one point's need, "
+            f"{one / 2**20:.1f} MiB; raise it (or 0: no budget)."
+        )
+    size = int((budget - fixed) // per)
+    return min(max(devices, size // devices * devices), padded)
+
+
+def sweep_id(config: ml_collections.ConfigDict, sweeps: list[str], seeds: int) -> str:
+    """What identifies a sweep (its config, axes and seeds): a rerun on a workdir must match."""
+    text = json.dumps([config.to_json_best_effort(sort_keys=True), sweeps, seeds])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rerun_command(config_spec: str, overrides: list[str], point: dict[str, Any], split: int):
+    """The ``experiments.train`` command that trains ``point`` alone (seed S of the sweep)."""
+    sets = [
+        f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}"
+        for k, v in point.items()
+    ]
+    return shlex.join(
+        [
+            "python",
+            "-m",
+            "experiments.train",
+            f"--config={config_spec}",
+            *overrides,
+            *sets,
+            f"--config.data.split_seed={split}",
+            "--config.seed=S",
+            "--workdir=runs/best",
+        ]
+    )
+
+
+def run_sweep(
+    base: ml_collections.ConfigDict,
+    sweeps: list[str],
+    seeds: int,
+    workdir: Path,
+    memory_budget_mb: float = 0.0,
+) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes sweep.csv, sweep.json and sweep.png; returns
+    ``{"rows", "best", "split_seed"}``."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}.")
+    axes = [sweep_lib.parse_axis(base, flag, seed=int(base.seed)) for flag in sweeps]
+    structural, numeric = sweep_lib.points(axes)
+    structural, numeric = structural or [{}], numeric or [{}]
+    split = split_seed(base)
+    configs = [point_config(base, s, split) for s in structural]  # all checked before compiling
+    ident = sweep_id(base, sweeps, seeds)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / "sweep_spec.json"
+    if spec_path.exists() and json.loads(spec_path.read_text())["id"] != ident:
+        raise ValueError(
+            f"{workdir} holds another sweep (its config, --sweep or --seeds differ); use a new "
+            "--workdir."
+        )
+    spec_path.write_text(json.dumps({"id": ident, "sweep": sweeps, "seeds": seeds}) + "\n")
+    devices = jax.devices()
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    started, done = time.perf_counter(), 0
+    total = len(configs) * len(numeric) * seeds
+    for si, (config, spoint) in enumerate(zip(configs, structural)):
+        program = make_program(Experiment(config))
+        members = [(p, s) for p in numeric for s in range(seeds)]
+        keys = jnp.stack([jax.random.PRNGKey(s) for _, s in members])  # experiments.train's key
+        hparams = {k: jnp.asarray([p[k] for p, _ in members], jnp.float32) for k in numeric[0]}
+        size = chunk_size(program, keys, hparams, memory_budget_mb, len(devices))
+        if len(devices) > 1:  # the member axis sharded over every device
+            mesh = Mesh(np.array(devices), ("points",))
+            sharding = NamedSharding(mesh, PartitionSpec("points"))
+            compiled = jax.jit(jax.vmap(program), in_shardings=(sharding, sharding))
+        else:
+            compiled = jax.jit(jax.vmap(program))
+        for ci, first in enumerate(range(0, len(members), size)):
+            path = workdir / "chunks" / f"{si}_{ci}.npz"
+            index = np.arange(first, first + size) % len(members)  # the last chunk padded
+            if not path.exists():
+                out = compiled(keys[index], jax.tree.map(lambda a, i=index: a[i], hparams))
+                path.parent.mkdir(exist_ok=True)
+                tmp = path.with_name(path.stem + ".tmp.npz")
+                np.savez(tmp, **{k: np.asarray(v) for k, v in out.items()})
+                tmp.rename(path)  # a chunk is saved whole or not at all
+            out = dict(np.load(path))
+            real = min(size, len(members) - first)
+            for j in range(real):
+                point, seed = members[first + j]
+                curve = {k: v[j].tolist() for k, v in out.items()}
+                score = np.asarray(curve.get("val_loss", curve["train_loss"]), np.float64)
+                row = {**spoint, **point, "seed": seed}
+                for name in sorted(k for k in curve if k != "step"):
+                    row[name] = curve[name][-1]
+                row["best_val_step"] = int(curve["step"][int(np.nanargmin(score))])
+                rows.append(row)
+                runs.append({**spoint, **point, "seed": seed, "curve": curve})
+            done += real
+            elapsed = time.perf_counter() - started
+            logging.info(
+                "structural point %d/%d, chunk %d: %d/%d runs done, ETA %.0f s",
+                si + 1, len(configs), ci + 1, done, total, elapsed / done * (total - done),
+            )  # fmt: skip
+    with open(workdir / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
+    (workdir / "sweep.json").write_text(
+        json.dumps({"axes": axes_json, "seeds": seeds, "runs": runs}, default=str) + "\n"
+    )
+    score_key = "val_loss" if "val_loss" in rows[0] else "train_loss"
+    groups: dict[str, list[float]] = {}
+    point_keys = [*structural[0], *numeric[0]]
+    for row in rows:
+        groups.setdefault(json.dumps([row[k] for k in point_keys]), []).append(row[score_key])
+    best = min(groups, key=lambda g: float(np.mean(groups[g])))
+    best_point = dict(zip(point_keys, json.loads(best)))
+    plot(rows, axes, score_key, workdir / "sweep.png")
+    return {
+        "rows": rows,
+        "best": best_point,
+        "best_score": float(np.mean(groups[best])),
+        "score_key": score_key,
+        "split_seed": split,
+    }
+
+
+def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, path: Path) -> None:
+    """The final ``score`` against each numeric axis: mean over the other axes' points and the
+    seeds, with the spread over seeds shaded."""
+    numeric = [a for a in axes if a.numeric]
+    if not numeric:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, len(numeric), figsize=(5 * len(numeric), 3.6), squeeze=False)
+    for ax, axis in zip(panels[0], numeric):
+        values = sorted(set(axis.values))
+        by = [[r[score] for r in rows if r[axis.key] == v] for v in values]
+        mean = np.array([np.mean(b) for b in by])
+        low = np.array([np.min(b) for b in by])
+        high = np.array([np.max(b) for b in by])
+        ax.plot(values, mean, "o-")
+        ax.fill_between(values, low, high, alpha=0.25)
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(axis.key)
+        ax.set_ylabel(f"final {score}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        result = run_sweep(
+            _CONFIG.value, _SWEEP.value, _SEEDS.value, Path(_WORKDIR.value), _MEMORY.value
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    print(
+        f"Best point by mean final {result['score_key']} over {_SEEDS.value} seed(s): "
+        f"{result['best']} ({result['best_score']:.4f})."
+    )
+    print(
+        "Rerun it alone: "
+        + rerun_command(_CONFIG_SPEC, overrides, result["best"], result["split_seed"])
+    )
+
+
+if __name__ == "__main__":  # flags only for the binary: the module stays importable
+    try:
+        _CONFIG, _ARGV = config_lib.define_config_flag(sys.argv, DEFAULT_CONFIG)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    _CONFIG_SPEC = next(
+        (a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), DEFAULT_CONFIG
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where the sweep's outputs go.")
+    flags.mark_flag_as_required("workdir")
+    _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=SPEC; repeat for a grid.")
+    _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 per point.")
+    _MEMORY = flags.DEFINE_float(
+        "memory_budget_mb", 0.0, "Run the points in chunks that fit this many MiB (0: no budget)."
+    )
+    app.run(main, argv=_ARGV)

@@ -1,0 +1,150 @@
+"""Sweep axes (altlearn/sweep.py): the SPEC forms, numeric against structural keys, the grid,
+and clear errors for bad input."""
+
+import numpy as np
+import pytest
+
+from altlearn import sweep
+from altlearn.config import base_config
+
+
+@pytest.fixture
+def config():
+    return base_config(rule="node_perturbation", model="mlp", data="digits")
+
+
+def test_spec_forms_mean_what_numpy_means():
+    assert sweep.parse_values("k", "[1e-3, 3e-3,1e-2]") == (1e-3, 3e-3, 1e-2)
+    np.testing.assert_allclose(sweep.parse_values("k", "linspace(0,1,5)"), np.linspace(0, 1, 5))
+    np.testing.assert_allclose(sweep.parse_values("k", "logspace(-4,-2,3)"), [1e-4, 1e-3, 1e-2])
+    a = sweep.parse_values("k", "uniform(0.1,0.2,4)", seed=3)
+    assert len(a) == 4 and all(0.1 <= v <= 0.2 for v in a)
+    assert a == sweep.parse_values("k", "uniform(0.1,0.2,4)", seed=3)  # seeded
+    assert a != sweep.parse_values("k", "uniform(0.1,0.2,4)", seed=4)
+    b = sweep.parse_values("k", "loguniform(1e-4,1e-2,6)")
+    assert all(1e-4 <= v <= 1e-2 for v in b)
+    assert sweep.parse_values("k", "[backprop, node_perturbation]") == (
+        "backprop",
+        "node_perturbation",
+    )
+
+
+def test_numeric_and_structural_axes_and_the_grid(config):
+    lr = sweep.parse_axis(config, "optimizer.learning_rate=logspace(-4,-2,3)")
+    sigma = sweep.parse_axis(config, "rule.sigma=[1e-3,1e-2]")
+    widths = sweep.parse_axis(config, "model.widths=[(64,),(128,128)]")
+    assert lr.numeric and sigma.numeric and not widths.numeric
+    structural, numeric = sweep.points([lr, widths, sigma])
+    assert structural == [{"model.widths": (64,)}, {"model.widths": (128, 128)}]
+    assert len(numeric) == 6 and numeric[0] == {
+        "optimizer.learning_rate": 1e-4,
+        "rule.sigma": 1e-3,
+    }
+    assert "optimizer.learning_rate" in sweep.sweepable(config)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("rule.sgima=[1,2]", "unknown config key 'rule.sgima'; the numeric .vmapped. keys"),
+        ("rule.sigma=range(1,2)", "malformed SPEC; valid forms: \\[v1,v2,...\\], linspace"),
+        ("rule.sigma=linspace(0,1,0)", "n must be an integer >= 1"),
+        ("rule.sigma=linspace(0,1)", "takes \\(a,b,n\\)"),
+        ("rule.sigma=loguniform(0,1,3)", "loguniform needs a, b > 0"),
+        ("model.widths=linspace(8,64,3)", "model.widths is structural"),
+        ("rule.sigma=[a,b]", "rule.sigma takes numbers"),
+        ("rule.sigma=[]", "an empty list"),
+        ("rule.sigma", "give KEY=SPEC"),
+    ],
+)
+def test_bad_sweeps_are_clear_errors(config, flag, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.parse_axis(config, flag)
+
+
+def test_a_key_given_twice_is_refused(config):
+    axis = sweep.parse_axis(config, "rule.sigma=[1e-3]")
+    with pytest.raises(ValueError, match="a key given twice"):
+        sweep.points([axis, axis])
+
+
+def _tiny_base():
+    from conftest import tiny_config
+
+    config = tiny_config(steps=20)
+    config.eval_every = 10
+    return config
+
+
+def test_a_sweep_is_one_program_per_structural_point_and_rows_equal_single_runs(
+    tmp_path, monkeypatch
+):
+    """2 learning rates x 2 seeds per structural point (2 widths) as one vmapped program each,
+    sharded over the 8 fake devices: 2 compilations; each row equals that point trained alone by
+    the runner with the printed command's settings; a rerun on the workdir skips every chunk and
+    writes the same sweep.csv; another sweep on it is refused."""
+    import jax
+
+    from altlearn import runner
+    from experiments import sweep as binary
+
+    assert jax.device_count() == 8
+    traces = []
+    original = binary.make_program
+    monkeypatch.setattr(
+        binary, "make_program", lambda e: original(e, on_trace=lambda: traces.append(1))
+    )
+    base = _tiny_base()
+    flags_ = ["optimizer.learning_rate=[1e-3,1e-2]", "model.widths=[(8,),(16,)]"]
+    result = binary.run_sweep(base, flags_, 2, tmp_path / "s")
+    assert len(traces) == 2 and len(result["rows"]) == 8
+    row = next(
+        r
+        for r in result["rows"]
+        if r["model.widths"] == (16,) and r["optimizer.learning_rate"] == 1e-2 and r["seed"] == 1
+    )
+    single = base.copy_and_resolve_references()
+    single.model.widths, single.optimizer.learning_rate, single.seed = (16,), 1e-2, 1
+    single.data.split_seed = result["split_seed"]
+    alone = runner.run(single, tmp_path / "alone")
+    for key in ("train_loss", "val_loss", "test_accuracy"):
+        np.testing.assert_allclose(row[key], alone[key], rtol=1e-4, atol=1e-6)
+    assert row["best_val_step"] in (10, 20)
+    csv = (tmp_path / "s" / "sweep.csv").read_text()
+    assert csv.count("\n") == 9 and (tmp_path / "s" / "sweep.png").exists()
+
+    (tmp_path / "s" / "sweep.csv").unlink()
+    traces.clear()
+    binary.run_sweep(base, flags_, 2, tmp_path / "s")  # every chunk saved: nothing trains
+    assert (tmp_path / "s" / "sweep.csv").read_text() == csv and len(traces) == 0
+    with pytest.raises(ValueError, match="holds another sweep"):
+        binary.run_sweep(base, flags_, 3, tmp_path / "s")
+
+
+def test_a_memory_budget_below_one_point_says_the_need(tmp_path):
+    from experiments import sweep as binary
+
+    with pytest.raises(ValueError, match=r"below one point's need, [0-9.]+ MiB"):
+        binary.run_sweep(_tiny_base(), ["optimizer.learning_rate=[1e-3]"], 1, tmp_path, 1e-6)
+
+
+def test_the_binary_says_bad_input_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        "--config=experiments/configs/digits.py",
+        f"--workdir={tmp_path}",
+        "--sweep=optimizer.learning_rate=range(1,3)",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "malformed SPEC; valid forms: [v1,v2,...], linspace(a,b,n)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -28,25 +28,60 @@ axis, mean and seed spread), and the best point by mean final VALIDATION loss, p
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import shlex
+import os
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from absl import app, flags, logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from altlearn import config as config_lib
-from altlearn import sweep as sweep_lib
-from altlearn.train import Experiment, split_seed
+
+def initialize_distributed(address: str, num_processes: int, process_id: int) -> None:
+    """``jax.distributed`` from the flags, or detected (SLURM, TPU pod slices) when
+    ``num_processes`` is 0 and such an environment is present; nothing on one process."""
+    if num_processes > 1:
+        if not address:
+            raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT.")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id must be in 0..{num_processes - 1}, got {process_id}.")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU: gloo
+        jax.distributed.initialize(address, num_processes, process_id)
+    elif num_processes == 0 and (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    ):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()  # JAX reads the cluster from the environment
+
+
+def _flag(argv: list[str], name: str) -> str:
+    """The value of ``--name=V`` in ``argv`` ('' if absent)."""
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), "")
+
+
+if __name__ == "__main__":
+    # jax.distributed must start before anything touches a device, and importing evosax (which
+    # the rules use) does: so here, before the imports below.
+    initialize_distributed(
+        _flag(sys.argv, "coordinator_address"),
+        int(_flag(sys.argv, "num_processes") or 0),
+        int(_flag(sys.argv, "process_id") or 0),
+    )
+
+import csv  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from altlearn import config as config_lib  # noqa: E402
+from altlearn import sweep as sweep_lib  # noqa: E402
+from altlearn.train import Experiment, split_seed  # noqa: E402
 
 DEFAULT_CONFIG = "experiments/configs/default.py"
 FIGURES = ("loss", "accuracy")
@@ -118,16 +153,35 @@ def chunk_size(program, keys, hparams, budget_mb: float, devices: int) -> int:
         m = lowered.compile().memory_analysis()
         return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
-    one, two = need(1), need(2)
-    per, fixed = max(two - one, 1), max(2 * one - two, 0)
-    budget = budget_mb * 2**20
+    one, budget = need(1), budget_mb * 2**20
     if one > budget:
         raise ValueError(
             f"--memory_budget_mb={budget_mb:g} is below one point's need, "
             f"{one / 2**20:.1f} MiB; raise it (or 0: no budget)."
         )
+    two = need(2)
+    per, fixed = max(two - one, 1), max(2 * one - two, 0)
     size = int((budget - fixed) // per)
     return min(max(devices, size // devices * devices), padded)
+
+
+def global_arrays(args: Any, sharding: NamedSharding | None) -> Any:
+    """Host arrays as arrays laid out by ``sharding`` over every process's devices (each process
+    holds the whole host array and hands over its devices' slices)."""
+    if sharding is None:
+        return jax.tree.map(jnp.asarray, args)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), args
+    )
+
+
+def gathered(out: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """Every process's share of ``out`` on every process, as host arrays."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in out.items()}
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
 
 
 def sweep_id(config: ml_collections.ConfigDict, sweeps: list[str], seeds: int) -> str:
@@ -181,7 +235,9 @@ def run_sweep(
             f"{workdir} holds another sweep (its config, --sweep or --seeds differ); use a new "
             "--workdir."
         )
-    spec_path.write_text(json.dumps({"id": ident, "sweep": sweeps, "seeds": seeds}) + "\n")
+    writer = jax.process_index() == 0  # only process 0 writes outputs
+    if writer:
+        spec_path.write_text(json.dumps({"id": ident, "sweep": sweeps, "seeds": seeds}) + "\n")
     devices = jax.devices()
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -190,25 +246,26 @@ def run_sweep(
     for si, (config, spoint) in enumerate(zip(configs, structural)):
         program = make_program(Experiment(config))
         members = [(p, s) for p in numeric for s in range(seeds)]
-        keys = jnp.stack([jax.random.PRNGKey(s) for _, s in members])  # experiments.train's key
-        hparams = {k: jnp.asarray([p[k] for p, _ in members], jnp.float32) for k in numeric[0]}
+        keys = np.stack([jax.random.PRNGKey(s) for _, s in members])  # experiments.train's key
+        hparams = {k: np.asarray([p[k] for p, _ in members], np.float32) for k in numeric[0]}
         size = chunk_size(program, keys, hparams, memory_budget_mb, len(devices))
-        if len(devices) > 1:  # the member axis sharded over every device
-            mesh = Mesh(np.array(devices), ("points",))
-            sharding = NamedSharding(mesh, PartitionSpec("points"))
-            compiled = jax.jit(jax.vmap(program), in_shardings=(sharding, sharding))
-        else:
-            compiled = jax.jit(jax.vmap(program))
+        sharding = None
+        if len(devices) > 1:  # the member axis sharded over every device of every process
+            sharding = NamedSharding(Mesh(np.array(devices), ("points",)), PartitionSpec("points"))
+        compiled = jax.jit(jax.vmap(program), in_shardings=sharding and (sharding, sharding))
         for ci, first in enumerate(range(0, len(members), size)):
             path = workdir / "chunks" / f"{si}_{ci}.npz"
             index = np.arange(first, first + size) % len(members)  # the last chunk padded
-            if not path.exists():
-                out = compiled(keys[index], jax.tree.map(lambda a, i=index: a[i], hparams))
-                path.parent.mkdir(exist_ok=True)
-                tmp = path.with_name(path.stem + ".tmp.npz")
-                np.savez(tmp, **{k: np.asarray(v) for k, v in out.items()})
-                tmp.rename(path)  # a chunk is saved whole or not at all
-            out = dict(np.load(path))
+            if path.exists():
+                out = dict(np.load(path))
+            else:
+                args = (keys[index], jax.tree.map(lambda a, i=index: a[i], hparams))
+                out = gathered(compiled(*global_arrays(args, sharding)))
+                if writer:
+                    path.parent.mkdir(exist_ok=True)
+                    tmp = path.with_name(path.stem + ".tmp.npz")
+                    np.savez(tmp, **out)
+                    tmp.rename(path)  # a chunk is saved whole or not at all
             real = min(size, len(members) - first)
             for j in range(real):
                 point, seed = members[first + j]
@@ -226,14 +283,15 @@ def run_sweep(
                 "structural point %d/%d, chunk %d: %d/%d runs done, ETA %.0f s",
                 si + 1, len(configs), ci + 1, done, total, elapsed / done * (total - done),
             )  # fmt: skip
-    with open(workdir / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
-    (workdir / "sweep.json").write_text(
-        json.dumps({"axes": axes_json, "seeds": seeds, "runs": runs}, default=str) + "\n"
-    )
+    if writer:
+        with open(workdir / "sweep.csv", "w", newline="") as f:
+            table = csv.DictWriter(f, list(rows[0]))
+            table.writeheader()
+            table.writerows(rows)
+        axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
+        (workdir / "sweep.json").write_text(
+            json.dumps({"axes": axes_json, "seeds": seeds, "runs": runs}, default=str) + "\n"
+        )
     score_key = "val_loss" if "val_loss" in rows[0] else "train_loss"
     groups: dict[str, list[float]] = {}
     point_keys = [*structural[0], *numeric[0]]
@@ -241,7 +299,8 @@ def run_sweep(
         groups.setdefault(json.dumps([row[k] for k in point_keys]), []).append(row[score_key])
     best = min(groups, key=lambda g: float(np.mean(groups[g])))
     best_point = dict(zip(point_keys, json.loads(best)))
-    plot(rows, axes, score_key, workdir / "sweep.png")
+    if writer:
+        plot(rows, axes, score_key, workdir / "sweep.png")
     return {
         "rows": rows,
         "best": best_point,
@@ -288,6 +347,8 @@ def main(argv: list[str]) -> None:
         )
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if jax.process_index() != 0:
+        return
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     print(
         f"Best point by mean final {result['score_key']} over {_SEEDS.value} seed(s): "
@@ -314,4 +375,11 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _MEMORY = flags.DEFINE_float(
         "memory_budget_mb", 0.0, "Run the points in chunks that fit this many MiB (0: no budget)."
     )
+    _ADDRESS = flags.DEFINE_string(
+        "coordinator_address", "", "jax.distributed coordinator HOST:PORT (several processes)."
+    )
+    _NUM_PROCESSES = flags.DEFINE_integer(
+        "num_processes", 0, "Processes of the run (0: one, or detected from SLURM / TPU)."
+    )
+    _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
     app.run(main, argv=_ARGV)

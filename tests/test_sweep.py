@@ -148,3 +148,62 @@ def test_the_binary_says_bad_input_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "malformed SPEC; valid forms: [v1,v2,...], linspace(a,b,n)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_two_processes_write_the_sweep_one_process_writes(tmp_path):
+    """The same command under jax.distributed (two local processes of 2 CPU devices each,
+    collectives through gloo) writes the sweep.csv of one process with 4 devices; only process
+    0 writes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        "--config=experiments/configs/digits.py",
+        "--sweep=optimizer.learning_rate=[1e-3,1e-2]",
+        "--seeds=2",
+        "--config.steps=10",
+        "--config.eval_every=5",
+        "--config.model.widths=(8,)",
+    ]
+
+    def env(devices):
+        flags_ = f"--xla_force_host_platform_device_count={devices}"
+        return {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags_}
+
+    one = subprocess.run(
+        [*args, f"--workdir={tmp_path / 'one'}"], cwd=root, env=env(4), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [
+                *args,
+                f"--workdir={tmp_path / 'two'}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=root,
+            env=env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "Best point" in outs[0][0] and "Best point" not in outs[1][0]  # process 0 speaks
+    csv = (tmp_path / "one" / "sweep.csv").read_text()
+    assert (tmp_path / "two" / "sweep.csv").read_text() == csv

@@ -15,7 +15,11 @@ the printed command, to float rounding (vmap may reorder sums).
 
 ``--memory_budget_mb``: the points of a structural point run in sequential chunks of one
 compiled program whose XLA memory analysis fits the budget. With several devices each chunk's
-member axis is sharded over them (padded to a multiple of the device count).
+member axis is sharded over them (padded to a multiple of the device count). Under
+``jax.distributed`` (``--coordinator_address``, ``--num_processes``, ``--process_id``, or
+detected from SLURM / TPU environments) the devices of every process share the points and only
+process 0 writes. ``--shard=i/n`` trains every n-th point from the i-th (a job array);
+``--merge=DIR,DIR,...`` joins the shards' outputs into the unsharded sweep's.
 
 Outputs in the workdir: ``sweep.csv`` (a row per point and seed: every swept value, the seed,
 the final train / val / test figures, the step of the best validation loss), ``sweep.json``
@@ -68,6 +72,7 @@ if __name__ == "__main__":
 import csv  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -211,15 +216,24 @@ def rerun_command(config_spec: str, overrides: list[str], point: dict[str, Any],
     )
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` (this job's share of the points: every n-th point from the i-th, 0-based)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard={text}: give i/n with 0 <= i < n (e.g. 0/4 .. 3/4).")
+    return int(match[1]), int(match[2])
+
+
 def run_sweep(
     base: ml_collections.ConfigDict,
     sweeps: list[str],
     seeds: int,
     workdir: Path,
     memory_budget_mb: float = 0.0,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
-    """Runs (or resumes) the sweep; writes sweep.csv, sweep.json and sweep.png; returns
-    ``{"rows", "best", "split_seed"}``."""
+    """Runs (or resumes) the sweep, or with ``shard=(i, n)`` its i-th share of the points;
+    writes sweep.csv, sweep.json and sweep.png (``write_outputs``)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}.")
     axes = [sweep_lib.parse_axis(base, flag, seed=int(base.seed)) for flag in sweeps]
@@ -227,27 +241,37 @@ def run_sweep(
     structural, numeric = structural or [{}], numeric or [{}]
     split = split_seed(base)
     configs = [point_config(base, s, split) for s in structural]  # all checked before compiling
-    ident = sweep_id(base, sweeps, seeds)
+    mine = lambda si, ni: (si * len(numeric) + ni) % shard[1] == shard[0]
+    total = sum(mine(si, ni) for si in range(len(configs)) for ni in range(len(numeric))) * seeds
+    if total == 0:
+        raise ValueError(
+            f"--shard={shard[0]}/{shard[1]} holds no point: the sweep has "
+            f"{len(configs) * len(numeric)}; use at most that many shards."
+        )
+    spec = {"id": sweep_id(base, sweeps, seeds), "sweep": sweeps, "seeds": seeds}
+    spec["shard"], spec["split_seed"] = list(shard), split
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "sweep_spec.json"
-    if spec_path.exists() and json.loads(spec_path.read_text())["id"] != ident:
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
         raise ValueError(
-            f"{workdir} holds another sweep (its config, --sweep or --seeds differ); use a new "
-            "--workdir."
+            f"{workdir} holds another sweep (its config, --sweep, --seeds or --shard differ); "
+            "use a new --workdir."
         )
     writer = jax.process_index() == 0  # only process 0 writes outputs
     if writer:
-        spec_path.write_text(json.dumps({"id": ident, "sweep": sweeps, "seeds": seeds}) + "\n")
+        spec_path.write_text(json.dumps(spec) + "\n")
     devices = jax.devices()
-    rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     started, done = time.perf_counter(), 0
-    total = len(configs) * len(numeric) * seeds
     for si, (config, spoint) in enumerate(zip(configs, structural)):
+        members = [(ni, s) for ni in range(len(numeric)) if mine(si, ni) for s in range(seeds)]
+        if not members:
+            continue
         program = make_program(Experiment(config))
-        members = [(p, s) for p in numeric for s in range(seeds)]
         keys = np.stack([jax.random.PRNGKey(s) for _, s in members])  # experiments.train's key
-        hparams = {k: np.asarray([p[k] for p, _ in members], np.float32) for k in numeric[0]}
+        hparams = {
+            k: np.asarray([numeric[ni][k] for ni, _ in members], np.float32) for k in numeric[0]
+        }
         size = chunk_size(program, keys, hparams, memory_budget_mb, len(devices))
         sharding = None
         if len(devices) > 1:  # the member axis sharded over every device of every process
@@ -268,46 +292,91 @@ def run_sweep(
                     tmp.rename(path)  # a chunk is saved whole or not at all
             real = min(size, len(members) - first)
             for j in range(real):
-                point, seed = members[first + j]
+                ni, seed = members[first + j]
                 curve = {k: v[j].tolist() for k, v in out.items()}
                 score = np.asarray(curve.get("val_loss", curve["train_loss"]), np.float64)
-                row = {**spoint, **point, "seed": seed}
+                row = {**spoint, **numeric[ni], "seed": seed}
                 for name in sorted(k for k in curve if k != "step"):
                     row[name] = curve[name][-1]
                 row["best_val_step"] = int(curve["step"][int(np.nanargmin(score))])
-                rows.append(row)
-                runs.append({**spoint, **point, "seed": seed, "curve": curve})
+                order = (si * len(numeric) + ni) * seeds + seed  # the unsharded sweep's order
+                runs.append({"order": order, "row": row, "curve": curve})
             done += real
             elapsed = time.perf_counter() - started
             logging.info(
                 "structural point %d/%d, chunk %d: %d/%d runs done, ETA %.0f s",
                 si + 1, len(configs), ci + 1, done, total, elapsed / done * (total - done),
             )  # fmt: skip
+    axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
+    return write_outputs(workdir, axes_json, spec, runs, writer)
+
+
+def write_outputs(
+    workdir: Path, axes: list[dict], spec: dict, runs: list[dict], writer: bool = True
+) -> dict[str, Any]:
+    """sweep.csv, sweep.json and sweep.png from ``runs`` (in the unsharded sweep's order), and
+    the best point by mean final validation loss."""
+    runs = sorted(runs, key=lambda r: r["order"])
+    rows = [r["row"] for r in runs]
     if writer:
         with open(workdir / "sweep.csv", "w", newline="") as f:
             table = csv.DictWriter(f, list(rows[0]))
             table.writeheader()
             table.writerows(rows)
-        axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
-        (workdir / "sweep.json").write_text(
-            json.dumps({"axes": axes_json, "seeds": seeds, "runs": runs}, default=str) + "\n"
-        )
+        document = {"spec": spec, "axes": axes, "runs": runs}
+        (workdir / "sweep.json").write_text(json.dumps(document, default=str) + "\n")
     score_key = "val_loss" if "val_loss" in rows[0] else "train_loss"
+    point_keys = [a["key"] for a in axes if not a["numeric"]] + [
+        a["key"] for a in axes if a["numeric"]
+    ]
     groups: dict[str, list[float]] = {}
-    point_keys = [*structural[0], *numeric[0]]
     for row in rows:
-        groups.setdefault(json.dumps([row[k] for k in point_keys]), []).append(row[score_key])
+        groups.setdefault(json.dumps([row[k] for k in point_keys], default=str), []).append(
+            row[score_key]
+        )
     best = min(groups, key=lambda g: float(np.mean(groups[g])))
-    best_point = dict(zip(point_keys, json.loads(best)))
+    best_point = next(
+        {k: row[k] for k in point_keys}
+        for row in rows
+        if json.dumps([row[k] for k in point_keys], default=str) == best
+    )
     if writer:
-        plot(rows, axes, score_key, workdir / "sweep.png")
+        plot(rows, [sweep_lib.Axis(a["key"], tuple(a["values"]), a["numeric"]) for a in axes],
+             score_key, workdir / "sweep.png")  # fmt: skip
     return {
         "rows": rows,
         "best": best_point,
         "best_score": float(np.mean(groups[best])),
         "score_key": score_key,
-        "split_seed": split,
+        "split_seed": spec["split_seed"],
     }
+
+
+def merge(shard_dirs: list[Path], workdir: Path) -> dict[str, Any]:
+    """Joins the outputs of the ``--shard=i/n`` jobs of one sweep into one sweep.csv (the
+    unsharded sweep's); refuses shards of different sweeps, and missing or repeated shards."""
+    specs, documents = [], []
+    for d in shard_dirs:
+        if not (d / "sweep.json").exists():
+            raise ValueError(f"--merge: {d} holds no finished sweep (no sweep.json).")
+        documents.append(json.loads((d / "sweep.json").read_text()))
+        specs.append(documents[-1]["spec"])
+    ids = {s["id"] for s in specs}
+    if len(ids) != 1:
+        raise ValueError(
+            f"--merge: the directories hold shards of different sweeps ({len(ids)} sweep ids); "
+            "merge the shards of one sweep only."
+        )
+    n = specs[0]["shard"][1]
+    got = sorted(s["shard"][0] for s in specs)
+    if got != list(range(n)) or any(s["shard"][1] != n for s in specs):
+        raise ValueError(f"--merge: need shards 0..{n - 1} of {n} once each; got {got}.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {**specs[0], "shard": [0, 1]}
+    runs = [run for document in documents for run in document["runs"]]
+    for run in runs:  # JSON made the tuples of structural values lists
+        run["row"] = {k: tuple(v) if isinstance(v, list) else v for k, v in run["row"].items()}
+    return write_outputs(workdir, documents[0]["axes"], spec, runs)
 
 
 def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, path: Path) -> None:
@@ -323,7 +392,7 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
 
     fig, panels = plt.subplots(1, len(numeric), figsize=(5 * len(numeric), 3.6), squeeze=False)
     for ax, axis in zip(panels[0], numeric):
-        values = sorted(set(axis.values))
+        values = sorted({r[axis.key] for r in rows})  # a shard holds some of the values
         by = [[r[score] for r in rows if r[axis.key] == v] for v in values]
         mean = np.array([np.mean(b) for b in by])
         low = np.array([np.min(b) for b in by])
@@ -342,22 +411,31 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
 def main(argv: list[str]) -> None:
     del argv
     try:
-        result = run_sweep(
-            _CONFIG.value, _SWEEP.value, _SEEDS.value, Path(_WORKDIR.value), _MEMORY.value
-        )
+        if _MERGE.value:
+            result = merge([Path(d) for d in _MERGE.value], Path(_WORKDIR.value))
+        else:
+            result = run_sweep(
+                _CONFIG.value,
+                _SWEEP.value,
+                _SEEDS.value,
+                Path(_WORKDIR.value),
+                _MEMORY.value,
+                parse_shard(_SHARD.value),
+            )
     except ValueError as e:
         sys.exit(f"error: {e}")
     if jax.process_index() != 0:
         return
+    if _MERGE.value:
+        print(f"Best point by mean final {result['score_key']}: {result['best']}.")
+        return
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     print(
-        f"Best point by mean final {result['score_key']} over {_SEEDS.value} seed(s): "
-        f"{result['best']} ({result['best_score']:.4f})."
+        f"Best point by mean final {result['score_key']}: {result['best']} "
+        f"({result['best_score']:.4f})."
     )
-    print(
-        "Rerun it alone: "
-        + rerun_command(_CONFIG_SPEC, overrides, result["best"], result["split_seed"])
-    )
+    command = rerun_command(_CONFIG_SPEC, overrides, result["best"], result["split_seed"])
+    print("Rerun it alone: " + command)
 
 
 if __name__ == "__main__":  # flags only for the binary: the module stays importable
@@ -382,4 +460,6 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
         "num_processes", 0, "Processes of the run (0: one, or detected from SLURM / TPU)."
     )
     _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+    _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: this job's share of the points.")
+    _MERGE = flags.DEFINE_list("merge", [], "Shard workdirs to join into --workdir (no training).")
     app.run(main, argv=_ARGV)

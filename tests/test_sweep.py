@@ -207,3 +207,30 @@ def test_two_processes_write_the_sweep_one_process_writes(tmp_path):
     assert "Best point" in outs[0][0] and "Best point" not in outs[1][0]  # process 0 speaks
     csv = (tmp_path / "one" / "sweep.csv").read_text()
     assert (tmp_path / "two" / "sweep.csv").read_text() == csv
+
+
+def test_shards_merge_into_the_unsharded_sweep(tmp_path):
+    """--shard=0/2 and 1/2 (a job array) each train their share of the points; merged they
+    give the unsharded sweep.csv. Shards of different sweeps, or a missing shard, are refused."""
+    from experiments import sweep as binary
+
+    base = _tiny_base()
+    flags_ = ["optimizer.learning_rate=[1e-3,3e-3,1e-2]"]
+    binary.run_sweep(base, flags_, 2, tmp_path / "all")
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, d in enumerate(shards):
+        binary.run_sweep(base, flags_, 2, d, shard=(i, 2))
+    assert (shards[0] / "sweep.csv").read_text().count("\n") == 5  # points 0 and 2, 2 seeds
+    binary.merge(shards, tmp_path / "merged")
+    expected = (tmp_path / "all" / "sweep.csv").read_text()
+    assert (tmp_path / "merged" / "sweep.csv").read_text() == expected
+    with pytest.raises(ValueError, match="need shards 0..1 of 2 once each; got \\[0\\]"):
+        binary.merge(shards[:1], tmp_path / "m2")
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="holds no point: the sweep has 1"):
+        binary.run_sweep(base, ["optimizer.learning_rate=[1e-3]"], 2, other, shard=(1, 2))
+    binary.run_sweep(base, ["optimizer.learning_rate=[1e-3,2e-3]"], 2, other, shard=(1, 2))
+    with pytest.raises(ValueError, match="shards of different sweeps"):
+        binary.merge([shards[0], other], tmp_path / "m3")
+    with pytest.raises(ValueError, match="give i/n with 0 <= i < n"):
+        binary.parse_shard("2/2")

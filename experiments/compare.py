@@ -12,6 +12,16 @@ the rule's noise; the data split is fixed by the config's ``seed``. Equal steps 
 every method of a dataset come from the config file, unless a budget flag gives every method the
 same number of forward passes (``--budget_forward_passes``) or the same training time on this
 machine (``--budget_seconds``) instead.
+
+``--tune=KEY=SPEC`` (repeatable; SPEC as ``experiments.sweep``'s) tunes every method the same
+way: each method's grid of the keys its config has (a learning rate for all, sigma for node
+perturbation, ...) trains as one vmapped program on TUNING seeds (1000, 1001, ...); the point
+with the lowest mean final validation loss is chosen, then trained on the reported seeds (0, 1,
+...) at the method's steps or budget and reported on test:
+
+    python -m experiments.compare --config=experiments/configs/np_family.py \
+        --methods=bp,np,danp --data=digits --tune='optimizer.learning_rate=logspace(-4,-2,5)' \
+        --tune='rule.sigma=[1e-3,1e-2,1e-1]' --out=runs/tuned
 """
 
 from __future__ import annotations
@@ -20,15 +30,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from altlearn import config as config_lib
 from altlearn import rules
+from altlearn import sweep as sweep_lib
 from altlearn.plotting import plot_comparison
-from altlearn.train import Experiment, configure_jax
+from altlearn.train import Experiment, configure_jax, make_train
 
 
 def load_get_config(path: str):
@@ -138,6 +151,54 @@ def run_one(config, seeds: int) -> dict:
     }
 
 
+TUNE_SEEDS_FROM = 1000  # tuning seeds 1000, 1001, ...: never the reported seeds 0, 1, ...
+
+
+def tune_keys(configs: dict[str, Any], specs: list[str]) -> None:
+    """Refuses a ``--tune`` key that no method's config has as a sweepable float, naming them."""
+    for spec in specs:
+        key = spec.partition("=")[0].strip()
+        if not any(key in config_lib.hparams(c) for c in configs.values()):
+            known = sorted({k for c in configs.values() for k in config_lib.hparams(c)})
+            raise ValueError(
+                f"--tune {spec}: {key!r} is no method's sweepable float; they are: "
+                f"{', '.join(known)}."
+            )
+
+
+def tune(config, specs: list[str], seeds: int) -> dict[str, Any] | None:
+    """The point of the ``--tune`` grid (the keys ``config`` has) with the lowest mean final
+    validation loss over ``seeds`` TUNING seeds (``TUNE_SEEDS_FROM`` on), all points and seeds
+    as one vmapped program; ``config`` is set to it. None if no key applies."""
+    mine = [s for s in specs if s.partition("=")[0].strip() in config_lib.hparams(config)]
+    if not mine:
+        return None
+    axes = [sweep_lib.parse_axis(config, spec, seed=int(config.seed)) for spec in mine]
+    points = sweep_lib.points(axes)[1]
+    keys = jnp.stack(
+        [jax.random.PRNGKey(TUNE_SEEDS_FROM + s) for _ in points for s in range(seeds)]
+    )
+    hparams = {k: jnp.asarray([p[k] for p in points for _ in range(seeds)]) for k in points[0]}
+    t = time.perf_counter()
+    _, out = jax.jit(jax.vmap(make_train(config)))(keys, hparams)
+    val = np.asarray(out["eval"]["val_loss"], np.float64).reshape(len(points), seeds)
+    score = np.where(np.isfinite(val), val, np.inf).mean(axis=1)
+    best = int(np.argmin(score))
+    for key, value in points[best].items():
+        section, _, leaf = key.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[leaf] = value
+    return {
+        "grid": points,
+        "mean_val_loss": score.tolist(),
+        "chosen": points[best],
+        "tuning_seeds": list(range(TUNE_SEEDS_FROM, TUNE_SEEDS_FROM + seeds)),
+        "seconds": time.perf_counter() - t,
+    }
+
+
 def _mean_std(values) -> str:
     values = np.asarray(values)
     return f"{values.mean():.3f} ± {values.std():.3f}"
@@ -156,6 +217,11 @@ def table(results: dict, seeds: int) -> str:
         ]
         for name, r in methods.items():
             f = r["final"]
+            if r.get("tuned"):
+                chosen = ", ".join(
+                    f"{k.split('.')[-1]} {v:.3g}" for k, v in r["tuned"]["chosen"].items()
+                )
+                name = f"{name} ({chosen})"
             ratio = f" ({r['time_per_step_s'] / bp_time:.2f}x)" if bp_time else ""
             cos = _mean_std(f["grad_cosine"]) if "grad_cosine" in f else "-"
             lines.append(
@@ -177,9 +243,15 @@ def main(argv: list[str]) -> None:
     results: dict[str, dict] = {}
     for data in _DATA.value:
         results[data] = {}
+        configs = {}
         for method in _METHODS.value:
             variant = f"method={method},data={data}" + (f",{_EXTRA.value}" if _EXTRA.value else "")
-            config = get_config(variant)
+            configs[method] = get_config(variant)
+        try:
+            tune_keys(configs, _TUNE.value)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        for method, config in configs.items():
             configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
             set_steps(
                 config,
@@ -189,7 +261,8 @@ def main(argv: list[str]) -> None:
                 _BUDGET_PASSES.value,
                 _BUDGET_SECONDS.value,
             )
-            results[data][method] = run_one(config, _SEEDS.value)
+            tuned = tune(config, _TUNE.value, _SEEDS.value) if _TUNE.value else None
+            results[data][method] = {**run_one(config, _SEEDS.value), "tuned": tuned}
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
@@ -214,6 +287,12 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     )
     _BUDGET_SECONDS = flags.DEFINE_float(
         "budget_seconds", 0.0, "Give every method this much training time (0: off)."
+    )
+    _TUNE = flags.DEFINE_multi_string(
+        "tune",
+        [],
+        "KEY=SPEC (as experiments.sweep's --sweep): each method's grid of the keys it has, chosen "
+        "by validation loss on tuning seeds, then reported on fresh seeds.",
     )
     _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
     app.run(main)

@@ -42,6 +42,24 @@ def test_compare_trains_exactly_the_steps_asked_and_tabulates():
     assert (config.steps, config.eval_every) == (25, 2)
 
 
+def test_tuning_chooses_by_validation_on_tuning_seeds_and_skips_keys_a_method_lacks():
+    """compare's --tune: the grid of the keys a config has, one vmapped program on tuning seeds
+    1000.., the point with the lowest mean final validation loss set in the config; a key no
+    method has is refused naming the sweepable ones."""
+    config = tiny_config("node_perturbation", steps=6, eval_every=6)
+    config.rule.num_noise_samples = 1
+    specs = ["optimizer.learning_rate=[1e-6,1e-2]", "rule.sigma=[1e-2]"]
+    tuned = compare.tune(config, specs, seeds=2)
+    assert len(tuned["grid"]) == 2 and tuned["tuning_seeds"] == [1000, 1001]
+    assert tuned["chosen"] == {"optimizer.learning_rate": 1e-2, "rule.sigma": 1e-2}
+    assert tuned["mean_val_loss"][1] < tuned["mean_val_loss"][0]  # lr 1e-6 barely moves
+    assert config.optimizer.learning_rate == 1e-2
+    backprop = tiny_config("backprop", steps=6, eval_every=6)
+    assert compare.tune(backprop, ["rule.sigma=[1e-2]"], seeds=1) is None  # bp has no sigma
+    with pytest.raises(ValueError, match="'rule.sgima' is no method's sweepable float"):
+        compare.tune_keys({"np": config, "bp": backprop}, ["rule.sgima=[1]"])
+
+
 def test_population_config_and_generated_rice_table(tmp_path):
     from altlearn.data import load_dataset
     from experiments import make_table

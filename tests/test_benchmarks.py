@@ -20,9 +20,9 @@ from jax.flatten_util import ravel_pytree
 from altlearn.config import base_config
 from altlearn.rules.base import params_loss
 from altlearn.train import Experiment
-from benchmarks import closed_form, evolution, harness, hybrid, overhead, pso, rules
+from benchmarks import closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep
 
-MODULES = (closed_form, evolution, harness, hybrid, overhead, pso, rules)
+MODULES = (closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep)
 
 
 def _positive(value) -> bool:
@@ -280,3 +280,13 @@ def test_hybrid_measure_times_the_same_steps_with_one_phase():
     assert result["cost_ratio_vs_bp"] > 1 and _positive(result["bp_step_ms"])
     assert math.isfinite(result["phase_s"]) and _positive(result["ratio_vs_bp"])
     assert "| cpu | cnn, digits |" in hybrid.markdown_table(result)
+
+
+def test_sweep_benchmark_runs_the_same_runs_and_counts_compilations():
+    """The sweep compiles once for all its runs; running them one by one compiles again for
+    each run."""
+    result = sweep.measure(points=2, seeds=1, steps=4, separate=False)
+    assert result["runs"] == 2
+    assert result["sweep"]["program_compiles"] >= 1 and _positive(result["sweep"]["wall_s"])
+    assert result["one_process"]["program_compiles"] > result["sweep"]["program_compiles"]
+    assert "| sweep |" in sweep.markdown_table(result)

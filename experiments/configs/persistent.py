@@ -30,7 +30,7 @@ STEPS = {"kink": 500, "digits": 250, "mnist1d": 500}  # T, steps per iteration
 BATCH = {"kink": 100_000, "digits": 64, "mnist1d": 128}  # kink: full batch
 # The persistent options chosen by validation (docs/RESULTS.md, "Persistent neurons").
 CHOSEN = {
-    "kink": {"penalty": "gaussian", "strength": "1.0", "width": "0.3", "power": "2"},
+    "kink": {"penalty": "gaussian", "strength": "1.0", "width": "1.0", "power": "2"},
     "cnn": {"penalty": "gaussian", "strength": "1.0", "width": "0.3", "power": "2"},
 }
 

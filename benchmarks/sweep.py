@@ -70,9 +70,13 @@ class Compiles:
         }
 
 
-def measure(points: int, seeds: int, steps: int, separate: bool = True) -> dict[str, Any]:
+def measure(
+    points: int, seeds: int, steps: int, separate: bool = True, base=None
+) -> dict[str, Any]:
+    """The three ways timed; ``base``: the config (default experiments/configs/digits.py; the
+    separate processes always run that file)."""
     rates = np.logspace(-4, -2, points)
-    base = digits.get_config()
+    base = base or digits.get_config()
     base.steps, base.eval_every = steps, steps
     flag = f"optimizer.learning_rate=logspace(-4,-2,{points})"
     compiles = Compiles()
@@ -89,10 +93,10 @@ def measure(points: int, seeds: int, steps: int, separate: bool = True) -> dict[
                     runner.run(config, work / f"p{i}_{s}")
 
         out["one_process"] = compiles.measure(one_process)
-        per_run = compiles.measure(
-            lambda: runner.run(base.copy_and_resolve_references(), work / "single")
-        )
         if separate:
+            per_run = compiles.measure(
+                lambda: runner.run(base.copy_and_resolve_references(), work / "single")
+            )
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             t = time.perf_counter()
             for i, lr in enumerate(rates):

@@ -1,11 +1,19 @@
 """Test set-up: CPU only, eight fake devices so sharding code runs everywhere."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# JAX's persistent compilation cache, shared by the test workers and the binaries the tests
+# start (they inherit the environment): a run resumed, repeated or started again as a process
+# compiles the same programs, and loading one is faster than compiling it.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "altlearn-test-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 

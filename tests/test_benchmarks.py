@@ -285,7 +285,9 @@ def test_hybrid_measure_times_the_same_steps_with_one_phase():
 def test_sweep_benchmark_runs_the_same_runs_and_counts_compilations():
     """The sweep compiles once for all its runs; running them one by one compiles again for
     each run."""
-    result = sweep.measure(points=2, seeds=1, steps=4, separate=False)
+    base = tiny_config()
+    base.model.widths = (8,)
+    result = sweep.measure(points=2, seeds=1, steps=4, separate=False, base=base)
     assert result["runs"] == 2
     assert result["sweep"]["program_compiles"] >= 1 and _positive(result["sweep"]["wall_s"])
     assert result["one_process"]["program_compiles"] > result["sweep"]["program_compiles"]

@@ -105,7 +105,7 @@ def measure(
                         sys.executable, "-m", "experiments.train",
                         "--config=experiments/configs/digits.py",
                         f"--config.steps={steps}", f"--config.eval_every={steps}",
-                        f"--config.optimizer.learning_rate={lr!r}", f"--config.seed={s}",
+                        f"--config.optimizer.learning_rate={float(lr)!r}", f"--config.seed={s}",
                         f"--workdir={work / f'x{i}_{s}'}",
                     ]  # fmt: skip
                     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)

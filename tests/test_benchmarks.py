@@ -287,12 +287,7 @@ def test_sweep_benchmark_runs_the_same_runs_and_counts_compilations():
     each run."""
     base = tiny_config()
     base.model.widths = (8,)
-    # Counted compilations must happen: not loaded from the tests' compilation cache.
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        result = sweep.measure(points=2, seeds=1, steps=4, separate=False, base=base)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", True)
+    result = sweep.measure(points=2, seeds=1, steps=4, separate=False, base=base)
     assert result["runs"] == 2
     assert result["sweep"]["program_compiles"] >= 1 and _positive(result["sweep"]["wall_s"])
     assert result["one_process"]["program_compiles"] > result["sweep"]["program_compiles"]

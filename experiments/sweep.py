@@ -89,7 +89,6 @@ from altlearn import sweep as sweep_lib  # noqa: E402
 from altlearn.train import Experiment, split_seed  # noqa: E402
 
 DEFAULT_CONFIG = "experiments/configs/default.py"
-FIGURES = ("loss", "accuracy")
 
 
 def point_config(base: ml_collections.ConfigDict, point: dict[str, Any], split: int):

@@ -273,3 +273,12 @@ def test_run_if_runs_the_branch_only_on_the_steps_that_take_it_also_under_vmap()
     np.testing.assert_array_equal(run(jnp.array([True, False, True]), x), [0.0, 1.0, 4.0])
     jax.effects_barrier()
     assert len(calls) == 2
+
+
+def test_cost_counts_the_probe_passes_in_training_batches(problem):
+    """Function distance: the inner step plus a forward and backward pass (3) of the probe batch
+    per stored end point (K - 1), in batches of the training batch size."""
+    model = problem[0]
+    options = {"distance": "function", "num_iterations": 3, "probe_size": 128}
+    assert rules.step_cost("persistent", model, options, batch_size=64) == 3.0 + 3.0 * 2 * 2
+    assert rules.step_cost("persistent", model, {}, batch_size=64) == 3.0  # parameter distance

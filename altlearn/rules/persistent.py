@@ -407,16 +407,18 @@ def persistent(
     return LearningRule(init, step, report=report)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], batch_size: int | None = None) -> float:
     """The inner rule's step; for the function distance also a forward and a backward pass of
-    the probe batch per stored end point (at most K - 1 of them), counted as batches of the
-    same size."""
+    the probe batch per stored end point (at most K - 1 of them), in training batches of
+    ``batch_size`` (None: counted as batches of the same size)."""
     from altlearn import rules
 
-    inner = rules.step_cost(options["inner"], model, options["inner_options"] or {})
+    inner_options = options["inner_options"] or {}
+    inner = rules.step_cost(options["inner"], model, inner_options, batch_size)
     if options["distance"] != "function":
         return inner
-    return inner + 3.0 * (int(options["num_iterations"]) - 1)
+    probe = int(options["probe_size"]) / batch_size if batch_size else 1.0
+    return inner + 3.0 * probe * (int(options["num_iterations"]) - 1)
 
 
 SPEC = RuleSpec(

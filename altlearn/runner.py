@@ -9,6 +9,13 @@ and ``checkpoints/`` (orbax: the initial state, then one per evaluation; the las
 readable one and ends with the same numbers as an uninterrupted run; an unreadable newer one
 (damaged files) is moved to ``checkpoints.unreadable/``, never deleted.
 
+A rule with occasional expensive phases (``RuleSpec.phase_step``: hybrid's evolution phases)
+has each phase step run as a compiled chunk of its own (one more compiled program; the numbers
+are those of unsplit chunks), so its wall time is measured: every evaluation record after a
+phase has ``phase_step_time_s`` (the mean wall time of the interval's phase steps),
+``phases_timed`` and ``phase_time_s`` (that less the mean time of an ordinary step so far: the
+phase alone); ``summary.json`` has the run's means.
+
 The state keeps one device layout from chunk to chunk: a rule that shards its population over
 the devices (``rule.shard``) returns the state spread over the device mesh although ``init``
 made it on one device, so the first chunk's compile decides the layout, the state is moved to it,
@@ -37,6 +44,14 @@ from altlearn.data import Dataset
 from altlearn.train import Experiment, TrainState, configure_jax
 
 RESUMABLE_KEYS = ("steps", "eval_every", "keep_checkpoints")  # may change on resume
+# Timings of the last evaluation interval, left out of the summary (which has the run's own).
+_PER_INTERVAL = (
+    "steps_per_s",
+    "train_loss_running",
+    "phase_step_time_s",
+    "phase_time_s",
+    "phases_timed",
+)
 
 
 class DivergenceError(RuntimeError):
@@ -268,8 +283,20 @@ def run(
             compile_time += time.perf_counter() - t
         return compiled[num_steps]
 
+    phase_steps = experiment.phase_steps
+
+    def is_phase(step: int) -> bool:
+        """Whether the step after count ``step`` runs the rule's phase (timed on its own)."""
+        return phase_steps is not None and phase_steps(step + 1)
+
     def chunk_length(step: int) -> int:
-        return min(eval_every - step % eval_every, steps - step)
+        """Steps to the next evaluation; a phase step is a chunk of its own (module docstring)."""
+        num = min(eval_every - step % eval_every, steps - step)
+        if phase_steps is None:
+            return num
+        if is_phase(step):
+            return 1
+        return next((n for n in range(1, num) if is_phase(step + n)), num)
 
     if start_step < steps:
         # The first chunk decides the state's layout (module docstring). It is compiled for the
@@ -313,8 +340,23 @@ def run(
         manager.save(int(s.step), args=ocp.args.StandardSave(s))
         manager.wait_until_finished()
 
-    # TRAIN, chunk by chunk
+    # TRAIN, chunk by chunk; evaluate, log and save at every evaluation step
     train_time, trained = 0.0, 0
+    interval: dict[str, list] = {}  # the current evaluation interval's step metrics, by name
+    ordinary = [0.0, 0]  # wall time and count of the steps without a phase, whole run
+    phase_times: list[float] = []  # this interval's phase steps' wall times
+    all_phase_times: list[float] = []  # the run's (this process's)
+
+    def phase_record() -> dict[str, float]:
+        """The interval's phase steps' mean wall time, and that less an ordinary step's."""
+        if not phase_times:
+            return {}
+        step_time = float(np.mean(phase_times))
+        record = {"phase_step_time_s": step_time, "phases_timed": float(len(phase_times))}
+        if ordinary[1]:
+            record["phase_time_s"] = step_time - ordinary[0] / ordinary[1]
+        return record
+
     try:
         if start_step == 0:
             log_eval(state, {})
@@ -327,23 +369,38 @@ def run(
             t = time.perf_counter()
             state, step_metrics = chunk(state)
             losses = np.asarray(step_metrics["loss"])  # blocks until the chunk is done
-            train_time += time.perf_counter() - t
+            elapsed = time.perf_counter() - t
+            train_time += elapsed
             trained += num
+            if num == 1 and is_phase(step):
+                phase_times.append(elapsed)
+                all_phase_times.append(elapsed)
+            else:
+                ordinary[0] += elapsed
+                ordinary[1] += num
             if not np.all(np.isfinite(losses)):
                 first = step + int(np.argmin(np.isfinite(losses)))
                 raise DivergenceError(
                     f"The loss became {losses[first - step]} at step {first} (rule "
                     f"{config.rule.name!r}); stopped. " + _kept_checkpoint(manager, workdir)
                 )
+            for name, values in step_metrics.items():
+                interval.setdefault(name, []).append(np.asarray(values))
+            if step + num < steps and (step + num) % eval_every:
+                continue  # a phase split the interval: evaluate at its end
+            step_metrics = {k: np.concatenate(v) for k, v in interval.items()}
             rate = trained / max(train_time, 1e-9)
             record = log_eval(
                 state,
                 {
-                    "train_loss_running": float(losses.mean()),
+                    "train_loss_running": float(step_metrics["loss"].mean()),
                     "steps_per_s": rate,
+                    **phase_record(),
                     **_rule_metrics(step_metrics),
                 },
             )
+            interval.clear()
+            phase_times.clear()
             save(state)
             logging.info(
                 "step %d/%d  loss %.4f  %s  %.0f steps/s  ETA %s",
@@ -364,7 +421,7 @@ def run(
 
     final = records[-1]
     summary = {
-        **{k: v for k, v in final.items() if k not in ("steps_per_s", "train_loss_running")},
+        **{k: v for k, v in final.items() if k not in _PER_INTERVAL},
         "rule": config.rule.name,
         "model": config.model.name,
         "data": config.data.name,
@@ -377,6 +434,10 @@ def run(
         "wall_time_s": time.perf_counter() - t_start,
         "steps_per_s": trained / train_time if train_time > 0 else None,
     }
+    if all_phase_times:
+        summary["phase_step_time_s"] = float(np.mean(all_phase_times))
+        if ordinary[1]:
+            summary["phase_time_s"] = summary["phase_step_time_s"] - ordinary[0] / ordinary[1]
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plotting.plot_curves(
         records,

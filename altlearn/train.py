@@ -109,6 +109,10 @@ class Experiment:
         x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
         self.rule_data = {"train": (self.x_train, self.y_train), "val": (x_val, y_val)}
 
+        # t -> whether step t (from 1) runs the rule's occasional phase, or None (RuleSpec).
+        self.phase_steps = rules.phase_steps(
+            config.rule.name, {k: v for k, v in config.rule.items() if k != "name"}
+        )
         self.default_hparams = config_lib.hparams(config)
         self._check_shapes()
         # Build once on concrete values: bad rule options fail here, before anything compiles.

@@ -207,23 +207,32 @@ def test_phases_score_the_validation_split_and_the_test_split_is_never_offered(
     assert "test" not in experiment.rule_data
 
 
-def test_hybrid_learns_and_resumes_to_identical_numbers(tmp_path):
-    """Through the runner on digits: it learns, phases are counted and reported, and a run
-    interrupted between phases resumes to the same numbers."""
+def test_hybrid_learns_times_its_phases_and_resumes_to_identical_numbers(tmp_path, monkeypatch):
+    """Through the runner on digits: it learns, phases are counted, reported and timed (each
+    phase step a chunk of its own); a run interrupted between phases, and run without the phase
+    chunks, ends with the same numbers."""
     config = tiny_config("hybrid", steps=40, **{"rule.es_every": 10, "rule.val_size": 128})
     config.eval_every = 10
     whole = runner.run(config, tmp_path / "whole")
     assert whole["rule/phases"] == 4
     assert 0 <= whole["rule/acceptance_rate"] <= 1
     assert whole["train_loss"] < 0.5
+    records = [json.loads(line) for line in (tmp_path / "whole/metrics.jsonl").open()]
+    for record in records[1:]:  # one phase per evaluation interval, timed
+        assert record["phases_timed"] == 1 and record["phase_step_time_s"] > 0, record
+        assert record["phase_time_s"] < record["phase_step_time_s"]
+        assert record["rule/phase"] == 0.1  # the rule's own per-step figures span the interval
+    assert whole["phase_step_time_s"] > 0 and "phase_time_s" in whole
 
     def interrupt(record):
         if record["step"] == 20:
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(rules, "phase_steps", lambda name, options: None)  # unsplit chunks
     with pytest.raises(KeyboardInterrupt):
         runner.run(config, tmp_path / "cut", on_eval=interrupt)
     resumed = runner.run(config, tmp_path / "cut")
+    assert "phase_step_time_s" not in resumed
     for key in ("train_loss", "val_loss", "test_loss", "rule/accepted_phases"):
         assert resumed[key] == whole[key], key
 

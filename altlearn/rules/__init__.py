@@ -7,7 +7,7 @@ factory, what it needs, its cost per step and its docs row.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
@@ -93,6 +93,18 @@ def step_cost(
     if "batch_size" in inspect.signature(cost).parameters:
         return float(cost(model, options, batch_size))
     return float(cost(model, options))
+
+
+def phase_steps(
+    name: str, options: Mapping[str, Any] | None = None
+) -> Callable[[int], bool] | None:
+    """``t -> bool``: whether step ``t`` (counted from 1) of rule ``name`` with ``options`` runs
+    the rule's occasional phase (``RuleSpec.phase_step``); None for a rule without phases."""
+    phase_step = get_rule_spec(name).phase_step
+    if phase_step is None:
+        return None
+    options = check_options(name, options or {})
+    return lambda t: bool(phase_step(options, int(t)))
 
 
 def wants_x64(name: str, options: Mapping[str, Any] | None = None) -> bool:

@@ -90,6 +90,10 @@ class RuleSpec(NamedTuple):
     wrapping rule (``persistent``) may use. ``nested``: pairs ``(options_key, rule_key)`` where
     the option ``options_key`` holds the options of the rule named by option ``rule_key``
     (filled with that rule's defaults in configs, so ``--config.rule.<options_key>.X`` works).
+    ``phase_step(options, t)``: whether the step that brings the step count to ``t`` (counted
+    from 1) runs the rule's occasional expensive phase (hybrid's evolution phase); the runner
+    runs each such step as a compiled chunk of its own and reports its wall time
+    (``altlearn.runner``). None: the rule has no phases.
     """
 
     factory: Callable[..., LearningRule]  # factory(model, task, optimizer, data, **options)
@@ -101,6 +105,7 @@ class RuleSpec(NamedTuple):
     wants_x64: Callable[[dict[str, Any]], bool] = never
     gradient_like: bool = False
     nested: tuple[tuple[str, str], ...] = ()
+    phase_step: Callable[[dict[str, Any], int], bool] | None = None
 
 
 def rule_options(spec: RuleSpec) -> dict[str, Any]:

@@ -49,7 +49,9 @@ the runner averages them over the phase steps of a chunk) ``accepted``, ``val_lo
 ``val_loss_after``, ``val_loss_change`` (after - before, <= 0 for the elitist strategy) and
 ``phase_cost`` (forward passes of validation samples, in training batches). At every
 evaluation (``rule/...``): ``phases``, ``accepted_phases`` and ``acceptance_rate`` so far. The
-phase's wall time is measured outside the compiled step (experiments/hybrid_study.py).
+phase's wall time cannot be measured inside the compiled step: the training runner runs each
+phase step as a chunk of its own and records ``phase_step_time_s`` and ``phase_time_s``
+(``RuleSpec.phase_step``, ``altlearn.runner``).
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ def hybrid(
         key_bp, key_es = jax.random.split(key)
         variables, train, metrics = backprop.step(key_bp, variables, state.train, batch)
         t = state.step + 1
-        due = (t % es_every == 0) | ((final_phase_step > 0) & (t == final_phase_step))
+        due = is_phase_step(es_every, final_phase_step, t)
         nan = jnp.full((), jnp.nan, jnp.float32)
         skipped = Phase(variables, train, jnp.zeros((), bool), nan, nan)
         done = run_if(due, lambda p: phase(key_es, batch, p), skipped)
@@ -393,6 +395,11 @@ def phase_cost(options: dict[str, Any], batch_size: int | None = None) -> float:
     return (1 + lam * populations) * per + (3.0 if options["guide"] else 0.0)
 
 
+def is_phase_step(es_every: int, final_phase_step: int, t: Any) -> Any:
+    """Whether step ``t`` (counted from 1; an int or a traced count) ends with a phase."""
+    return (t % es_every == 0) | ((final_phase_step > 0) & (t == final_phase_step))
+
+
 def cost(model: Model, options: dict[str, Any], batch_size: int | None = None) -> float:
     """A backprop step (3) plus one evolution phase's forward passes every ``es_every`` steps
     (``phase_cost``)."""
@@ -409,4 +416,7 @@ SPEC = RuleSpec(
     source="paper 004 (Lopes & Fazendeiro, arXiv 2005.04153); ESGD (Cui et al. 2018)",
     cost=cost,
     splits=("val",),
+    phase_step=lambda options, t: is_phase_step(
+        int(options["es_every"]), int(options["final_phase_step"]), t
+    ),
 )

@@ -12,6 +12,13 @@ under ``rule.`` and ``optimizer.``): all numeric points and all seeds train as o
 program. Any other config key (model widths, population size, ``rule.name``, ``data.name``)
 is STRUCTURAL: one compiled program per structural point, and only a list can give its values.
 Several axes form a grid (``points``).
+
+``rule.name`` and ``model.name`` switch a whole config section, so the other axes are read
+against each switched config (``plan``): an axis applies to the points whose rule or model has
+its key (``rule.sigma`` to node perturbation, not to backprop) and is blank elsewhere; a key that
+no point has is refused. ``rule.name=[weight_perturbation,node_perturbation]`` with
+``rule.sigma=logspace(-3,-1,5)`` is 2 compilations of 5 points each; adding ``backprop`` to the
+names adds one compilation of 1 point.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import ast
 import itertools
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -140,3 +148,64 @@ def points(axes: list[Axis]) -> tuple[list[dict[str, Any]], list[dict[str, float
         for combo in itertools.product(*(a.values for a in kind))
     ]
     return grid([a for a in axes if not a.numeric]), grid([a for a in axes if a.numeric])
+
+
+NAME_KEYS = ("rule.name", "model.name")  # switch a section: other keys are read per point
+
+
+class Point(NamedTuple):
+    """One structural point of a sweep: its values, its config, and its numeric grid."""
+
+    values: dict[str, Any]  # structural key -> value
+    config: ml_collections.ConfigDict  # the base config with ``values`` set (validated)
+    numeric: list[dict[str, float]]  # the numeric points that apply to it ([{}]: none)
+
+
+def plan(
+    base: ml_collections.ConfigDict,
+    flags: list[str],
+    seed: int,
+    configure: Callable[[dict[str, Any]], ml_collections.ConfigDict],
+) -> tuple[list[Axis], list[Point]]:
+    """The sweep ``flags`` over ``base``: its axes and its structural points, each with the
+    numeric grid of the axes its config has (module docstring). ``configure(values)`` builds and
+    validates a structural point's config. Everything is checked here, before compiling."""
+    keys = [flag.partition("=")[0].strip() for flag in flags]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--sweep: a key given twice: {keys}.")
+    names = [parse_axis(base, f, seed) for f, k in zip(flags, keys) if k in NAME_KEYS]
+    named = [configure(dict(zip([a.key for a in names], c))) for c in _product(names)]
+    axes_by_key = {a.key: a for a in names}
+    for flag, key in zip(flags, keys):
+        if key in NAME_KEYS:
+            continue
+        having = [c for c in named if _has_key(c, key)]
+        if not having:
+            known = sorted({k for c in named for k in sweepable(c)})
+            raise ValueError(
+                f"--sweep: unknown config key {key!r}"
+                + (" for every rule and model swept" if names else "")
+                + f"; the numeric (vmapped) keys: {', '.join(known)}; any other config key is "
+                "a structural axis."
+            )
+        kinds = {key in config_lib.hparams(c) for c in having}
+        if len(kinds) > 1:
+            raise ValueError(f"--sweep {key}: numeric for some swept rules, not for others.")
+        axes_by_key[key] = parse_axis(having[0], flag, seed)
+    axes = [axes_by_key[k] for k in keys]
+    points = []
+    for name_values, config in zip(
+        [dict(zip([a.key for a in names], c)) for c in _product(names)], named
+    ):
+        mine = [a for a in axes if a.key not in NAME_KEYS and _has_key(config, a.key)]
+        structural = [a for a in mine if not a.numeric]
+        numeric = [a for a in mine if a.numeric]
+        for combo in _product(structural):
+            values = {**name_values, **dict(zip([a.key for a in structural], combo))}
+            numeric_grid = [dict(zip([a.key for a in numeric], c)) for c in _product(numeric)]
+            points.append(Point(values, configure(values) if combo else config, numeric_grid))
+    return axes, points
+
+
+def _product(axes: list[Axis]) -> list[tuple[Any, ...]]:
+    return list(itertools.product(*(a.values for a in axes)))

@@ -8,10 +8,11 @@
 ``--sweep=KEY=SPEC`` (repeatable; several form a grid; SPEC forms in ``altlearn.sweep``). The
 sweepable floats (``rule.*``, ``optimizer.*``) are numeric axes: all numeric points times all
 seeds train as ONE ``jax.jit(jax.vmap(train))`` program. Any other key is structural: one
-compilation per structural point. Seed s of a point uses the key ``experiments.train
---config.seed=s`` uses (``PRNGKey(s)``) and the data split of the config's own seed
-(``data.split_seed``, default the config's seed), so a row equals that point trained alone with
-the printed command, to float rounding (vmap may reorder sums).
+compilation per structural point; ``rule.name`` (``model.name``) switches the section and a
+rule's own keys apply to the points whose rule has them (``altlearn.sweep.plan``). Seed s of a
+point uses the key ``experiments.train --config.seed=s`` uses (``PRNGKey(s)``) and the data
+split of the config's own seed (``data.split_seed``, default the config's seed), so a row equals
+that point trained alone with the printed command, to float rounding (vmap may reorder sums).
 
 ``--memory_budget_mb``: the points of a structural point run in sequential chunks of one
 compiled program whose XLA memory analysis fits the budget. With several devices each chunk's
@@ -24,10 +25,10 @@ process 0 writes. ``--shard=i/n`` trains every n-th point from the i-th (a job a
 Outputs in the workdir: ``sweep.csv`` (a row per point and seed: every swept value, the seed,
 the final train / val / test figures, the step of the best validation loss), ``sweep.json``
 (every evaluation's figures), ``sweep.png`` (the final validation loss against each numeric
-axis, mean and seed spread), and the best point by mean final VALIDATION loss, printed with the
-``experiments.train`` command that reruns it. Each finished chunk is saved
-(``chunks/``): a killed sweep rerun on the same workdir skips them and ends with the same
-``sweep.csv``.
+axis, a line per structural point with the seed spread; a heatmap for two numeric axes), and the
+best point by mean final VALIDATION loss, printed with the ``experiments.train`` command that
+reruns it. Each finished chunk is saved (``chunks/``): a killed sweep rerun on the same workdir
+skips them and ends with the same ``sweep.csv``.
 """
 
 from __future__ import annotations
@@ -196,10 +197,7 @@ def sweep_id(config: ml_collections.ConfigDict, sweeps: list[str], seeds: int) -
 
 def rerun_command(config_spec: str, overrides: list[str], point: dict[str, Any], split: int):
     """The ``experiments.train`` command that trains ``point`` alone (seed S of the sweep)."""
-    sets = [
-        f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}"
-        for k, v in point.items()
-    ]
+    sets = [f"--config.{k}={v}" for k, v in point.items()]
     return shlex.join(
         [
             "python",
@@ -235,17 +233,18 @@ def run_sweep(
     writes sweep.csv, sweep.json and sweep.png (``write_outputs``)."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}.")
-    axes = [sweep_lib.parse_axis(base, flag, seed=int(base.seed)) for flag in sweeps]
-    structural, numeric = sweep_lib.points(axes)
-    structural, numeric = structural or [{}], numeric or [{}]
     split = split_seed(base)
-    configs = [point_config(base, s, split) for s in structural]  # all checked before compiling
-    mine = lambda si, ni: (si * len(numeric) + ni) % shard[1] == shard[0]
-    total = sum(mine(si, ni) for si in range(len(configs)) for ni in range(len(numeric))) * seeds
+    # every structural point's config is built and checked here, before anything compiles
+    axes, plan = sweep_lib.plan(
+        base, sweeps, int(base.seed), lambda v: point_config(base, v, split)
+    )
+    offsets = np.cumsum([0] + [len(p.numeric) for p in plan])  # global point index of each
+    mine = lambda si, ni: (offsets[si] + ni) % shard[1] == shard[0]
+    total = sum(mine(si, ni) for si, p in enumerate(plan) for ni in range(len(p.numeric))) * seeds
     if total == 0:
         raise ValueError(
             f"--shard={shard[0]}/{shard[1]} holds no point: the sweep has "
-            f"{len(configs) * len(numeric)}; use at most that many shards."
+            f"{offsets[-1]}; use at most that many shards."
         )
     spec = {"id": sweep_id(base, sweeps, seeds), "sweep": sweeps, "seeds": seeds}
     spec["shard"], spec["split_seed"] = list(shard), split
@@ -262,7 +261,7 @@ def run_sweep(
     devices = jax.devices()
     runs: list[dict[str, Any]] = []
     started, done = time.perf_counter(), 0
-    for si, (config, spoint) in enumerate(zip(configs, structural)):
+    for si, (spoint, config, numeric) in enumerate(plan):
         members = [(ni, s) for ni in range(len(numeric)) if mine(si, ni) for s in range(seeds)]
         if not members:
             continue
@@ -298,13 +297,13 @@ def run_sweep(
                 for name in sorted(k for k in curve if k != "step"):
                     row[name] = curve[name][-1]
                 row["best_val_step"] = int(curve["step"][int(np.nanargmin(score))])
-                order = (si * len(numeric) + ni) * seeds + seed  # the unsharded sweep's order
+                order = int(offsets[si] + ni) * seeds + seed  # the unsharded sweep's order
                 runs.append({"order": order, "row": row, "curve": curve})
             done += real
             elapsed = time.perf_counter() - started
             logging.info(
                 "structural point %d/%d, chunk %d: %d/%d runs done, ETA %.0f s",
-                si + 1, len(configs), ci + 1, done, total, elapsed / done * (total - done),
+                si + 1, len(plan), ci + 1, done, total, elapsed / done * (total - done),
             )  # fmt: skip
     axes_json = [{"key": a.key, "values": list(a.values), "numeric": a.numeric} for a in axes]
     return write_outputs(workdir, axes_json, spec, runs, writer)
@@ -317,27 +316,29 @@ def write_outputs(
     the best point by mean final validation loss."""
     runs = sorted(runs, key=lambda r: r["order"])
     rows = [r["row"] for r in runs]
+    point_keys = [a["key"] for a in axes if not a["numeric"]] + [
+        a["key"] for a in axes if a["numeric"]
+    ]
     if writer:
+        # every row's keys: the axes, the seed, the figures; an axis a point's rule lacks: ""
+        columns = list(dict.fromkeys(point_keys + [k for r in rows for k in r]))
         with open(workdir / "sweep.csv", "w", newline="") as f:
-            table = csv.DictWriter(f, list(rows[0]))
+            table = csv.DictWriter(f, columns, restval="")
             table.writeheader()
             table.writerows(rows)
         document = {"spec": spec, "axes": axes, "runs": runs}
         (workdir / "sweep.json").write_text(json.dumps(document, default=str) + "\n")
     score_key = "val_loss" if "val_loss" in rows[0] else "train_loss"
-    point_keys = [a["key"] for a in axes if not a["numeric"]] + [
-        a["key"] for a in axes if a["numeric"]
-    ]
     groups: dict[str, list[float]] = {}
     for row in rows:
-        groups.setdefault(json.dumps([row[k] for k in point_keys], default=str), []).append(
+        groups.setdefault(json.dumps([row.get(k) for k in point_keys], default=str), []).append(
             row[score_key]
         )
     best = min(groups, key=lambda g: float(np.mean(groups[g])))
     best_point = next(
-        {k: row[k] for k in point_keys}
+        {k: row[k] for k in point_keys if k in row}
         for row in rows
-        if json.dumps([row[k] for k in point_keys], default=str) == best
+        if json.dumps([row.get(k) for k in point_keys], default=str) == best
     )
     if writer:
         plot(rows, [sweep_lib.Axis(a["key"], tuple(a["values"]), a["numeric"]) for a in axes],
@@ -379,8 +380,10 @@ def merge(shard_dirs: list[Path], workdir: Path) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, path: Path) -> None:
-    """The final ``score`` against each numeric axis: mean over the other axes' points and the
-    seeds, with the spread over seeds shaded."""
+    """The final ``score`` against each numeric axis, a line per structural point (a rule, a
+    width): the mean over seeds at the other numeric axes' best values, the seeds' range shaded.
+    With two numeric axes or more, a heatmap per structural point of the seed mean over the
+    first two it has (best over any further ones)."""
     numeric = [a for a in axes if a.numeric]
     if not numeric:
         return
@@ -389,19 +392,61 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, panels = plt.subplots(1, len(numeric), figsize=(5 * len(numeric), 3.6), squeeze=False)
+    structural = [a.key for a in axes if not a.numeric]
+    label = lambda r: ", ".join(
+        str(r[k]) if k in sweep_lib.NAME_KEYS else f"{k.split('.')[-1]}={r[k]}"
+        for k in structural
+        if k in r
+    )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(label(r), []).append(r)
+
+    def seed_means(group, keys):
+        """{values of ``keys``: [score per seed]} over the group's rows."""
+        out: dict[tuple, list[float]] = {}
+        for r in group:
+            out.setdefault(tuple(r.get(k) for k in keys), []).append(r[score])
+        return out
+
+    maps = [(g, [a.key for a in numeric if a.key in grp[0]]) for g, grp in groups.items()]
+    maps = [(g, keys) for g, keys in maps if len(keys) >= 2]
+    cols = len(numeric) + len(maps)
+    fig, panels = plt.subplots(1, cols, figsize=(5 * cols, 3.8), squeeze=False)
     for ax, axis in zip(panels[0], numeric):
-        values = sorted({r[axis.key] for r in rows})  # a shard holds some of the values
-        by = [[r[score] for r in rows if r[axis.key] == v] for v in values]
-        mean = np.array([np.mean(b) for b in by])
-        low = np.array([np.min(b) for b in by])
-        high = np.array([np.max(b) for b in by])
-        ax.plot(values, mean, "o-")
-        ax.fill_between(values, low, high, alpha=0.25)
-        if min(values) > 0 and max(values) / min(values) > 20:
+        for color, (name, group) in enumerate(groups.items()):
+            others = [a.key for a in numeric if a.key != axis.key and a.key in group[0]]
+            if axis.key not in group[0]:
+                continue
+            by = seed_means(group, [axis.key, *others])
+            values = sorted({key[0] for key in by})
+            best = [min((v for k, v in by.items() if k[0] == x), key=np.mean) for x in values]
+            mean = [np.mean(b) for b in best]
+            ax.plot(values, mean, "o-", color=f"C{color}", label=name or None)
+            ax.fill_between(
+                values, [min(b) for b in best], [max(b) for b in best], color=f"C{color}", alpha=0.2
+            )
+        every = [r[axis.key] for r in rows if axis.key in r]
+        if min(every) > 0 and max(every) / min(every) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(axis.key)
         ax.set_ylabel(f"final {score}")
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
+    for ax, (name, keys) in zip(panels[0][len(numeric) :], maps):
+        by = seed_means(groups[name], keys)
+        xs, ys = sorted({k[0] for k in by}), sorted({k[1] for k in by})
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for k, v in by.items():
+            i, j = ys.index(k[1]), xs.index(k[0])
+            grid[i, j] = np.nanmin([grid[i, j], np.mean(v)])
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(xs)), [f"{x:.3g}" for x in xs], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(ys)), [f"{y:.3g}" for y in ys], fontsize=7)
+        ax.set_xlabel(keys[0])
+        ax.set_ylabel(keys[1])
+        ax.set_title(f"final {score}" + (f" ({name})" if name else ""), fontsize=9)
+        fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

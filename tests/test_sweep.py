@@ -4,6 +4,7 @@ and clear errors for bad input."""
 import numpy as np
 import pytest
 
+from altlearn import config as config_lib
 from altlearn import sweep
 from altlearn.config import base_config
 
@@ -62,6 +63,33 @@ def test_bad_sweeps_are_clear_errors(config, flag, message):
         sweep.parse_axis(config, flag)
 
 
+def test_rule_names_switch_the_section_and_rule_options_apply_where_they_exist(config):
+    """rule.name x model.widths x rule.sigma x learning rate: sigma applies to node perturbation
+    and not to backprop; a key no swept rule has is refused, naming the numeric keys."""
+    from experiments.sweep import point_config
+
+    flags = [
+        "rule.name=[backprop,node_perturbation]",
+        "model.widths=[(8,),(16,)]",
+        "rule.sigma=[1e-3,1e-2]",
+        "optimizer.learning_rate=[1e-3,1e-2,1e-1]",
+    ]
+    axes, plan = sweep.plan(config, flags, 0, lambda v: point_config(config, v, 0))
+    assert [a.numeric for a in axes] == [False, False, True, True]
+    assert [p.values for p in plan] == [
+        {"rule.name": r, "model.widths": w}
+        for r in ("backprop", "node_perturbation")
+        for w in ((8,), (16,))
+    ]
+    assert [len(p.numeric) for p in plan] == [3, 3, 6, 6]
+    assert plan[0].numeric[1] == {"optimizer.learning_rate": 1e-2}
+    assert plan[0].config.rule.name == "backprop" and plan[3].config.model.widths == (16,)
+    with pytest.raises(ValueError, match="'rule.num_particles' for every rule and model swept"):
+        sweep.plan(config, flags[:1] + ["rule.num_particles=[2]"], 0, lambda v: config)
+    with pytest.raises(ValueError, match="a key given twice"):
+        sweep.plan(config, flags[:1] * 2, 0, lambda v: config)
+
+
 def test_a_key_given_twice_is_refused(config):
     axis = sweep.parse_axis(config, "rule.sigma=[1e-3]")
     with pytest.raises(ValueError, match="a key given twice"):
@@ -80,10 +108,11 @@ def _tiny_base():
 def test_a_sweep_is_one_program_per_structural_point_and_rows_equal_single_runs(
     tmp_path, monkeypatch
 ):
-    """2 learning rates x 2 seeds per structural point (2 widths) as one vmapped program each,
-    sharded over the 8 fake devices: 2 compilations; each row equals that point trained alone by
-    the runner with the printed command's settings; a rerun on the workdir skips every chunk and
-    writes the same sweep.csv; another sweep on it is refused."""
+    """2 learning rates x 2 seeds per structural point (2 rules; weight perturbation's sigma
+    applies to it alone) as one vmapped program each, sharded over the 8 fake devices: 2
+    compilations; each row equals that point trained alone by the runner with the printed
+    command's settings; a rerun on the workdir skips every chunk and writes the same sweep.csv;
+    another sweep on it is refused."""
     import jax
 
     from altlearn import runner
@@ -96,16 +125,22 @@ def test_a_sweep_is_one_program_per_structural_point_and_rows_equal_single_runs(
         binary, "make_program", lambda e: original(e, on_trace=lambda: traces.append(1))
     )
     base = _tiny_base()
-    flags_ = ["optimizer.learning_rate=[1e-3,1e-2]", "model.widths=[(8,),(16,)]"]
+    flags_ = [
+        "optimizer.learning_rate=[1e-3,1e-2]",
+        "rule.name=[backprop,weight_perturbation]",
+        "rule.sigma=[3e-3]",
+    ]
     result = binary.run_sweep(base, flags_, 2, tmp_path / "s")
     assert len(traces) == 2 and len(result["rows"]) == 8
     row = next(
         r
         for r in result["rows"]
-        if r["model.widths"] == (16,) and r["optimizer.learning_rate"] == 1e-2 and r["seed"] == 1
+        if r["rule.name"] == "weight_perturbation"
+        and r["optimizer.learning_rate"] == 1e-2
+        and r["seed"] == 1
     )
-    single = base.copy_and_resolve_references()
-    single.model.widths, single.optimizer.learning_rate, single.seed = (16,), 1e-2, 1
+    single = config_lib.switch(base.copy_and_resolve_references(), rule="weight_perturbation")
+    single.rule.sigma, single.optimizer.learning_rate, single.seed = 3e-3, 1e-2, 1
     single.data.split_seed = result["split_seed"]
     alone = runner.run(single, tmp_path / "alone")
     for key in ("train_loss", "val_loss", "test_accuracy"):
@@ -113,6 +148,7 @@ def test_a_sweep_is_one_program_per_structural_point_and_rows_equal_single_runs(
     assert row["best_val_step"] in (5, 10)
     csv = (tmp_path / "s" / "sweep.csv").read_text()
     assert csv.count("\n") == 9 and (tmp_path / "s" / "sweep.png").exists()
+    assert csv.splitlines()[1].startswith("backprop,0.001,,0,")  # no sigma for backprop
 
     (tmp_path / "s" / "sweep.csv").unlink()
     traces.clear()

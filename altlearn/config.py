@@ -204,12 +204,22 @@ def _floats(node: Any, prefix: str) -> dict[str, float]:
     return out
 
 
+def ignored_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The config sections the rule does not read: ``('optimizer',)`` for a rule that moves the
+    parameters itself (``RuleSpec.uses_optimizer``), else none."""
+    options = {k: v for k, v in config.rule.items() if k != "name"}
+    return () if rules.uses_optimizer(config.rule.name, options) else ("optimizer",)
+
+
 def hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
     """The sweepable hyperparameters: every float under ``rule`` and ``optimizer``, nested
-    sections included (``rule.strategy_params.std_init``)."""
+    sections included (``rule.strategy_params.std_init``); not the optimizer's for a rule that
+    does not use it (``ignored_sections``)."""
     out = {}
+    ignored = ignored_sections(config)
     for section in HPARAM_SECTIONS:
-        out.update(_floats(config[section], section))
+        if section not in ignored:
+            out.update(_floats(config[section], section))
     return out
 
 

@@ -50,6 +50,16 @@ def sweepable(config: ml_collections.ConfigDict) -> list[str]:
     return sorted(config_lib.hparams(config))
 
 
+def _ignored(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether ``key`` lies in a section the config's rule does not read (the optimizer of a
+    swarm): sweeping it would repeat identical runs."""
+    return key.split(".")[0] in config_lib.ignored_sections(config)
+
+
+def _applies(config: ml_collections.ConfigDict, key: str) -> bool:
+    return _has_key(config, key) and not _ignored(config, key)
+
+
 def _has_key(config: ml_collections.ConfigDict, key: str) -> bool:
     node: Any = config
     for part in key.split("."):
@@ -117,6 +127,11 @@ def parse_axis(config: ml_collections.ConfigDict, flag: str, seed: int = 0) -> A
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"--sweep {flag!r}: give KEY=SPEC; valid SPEC forms: {FORMS}.")
+    if _has_key(config, key) and _ignored(config, key):
+        raise ValueError(
+            f"--sweep {key}: rule {config.rule.name!r} does not use the "
+            f"{key.split('.')[0]} section; its numeric keys: {', '.join(sweepable(config))}."
+        )
     if not _has_key(config, key):
         raise ValueError(
             f"--sweep: unknown config key {key!r}; the numeric (vmapped) keys of this config: "
@@ -179,14 +194,14 @@ def plan(
     for flag, key in zip(flags, keys):
         if key in NAME_KEYS:
             continue
-        having = [c for c in named if _has_key(c, key)]
+        having = [c for c in named if _applies(c, key)]
+        if not having and not names:
+            parse_axis(named[0], flag, seed)  # raises: unknown, or a section the rule ignores
         if not having:
             known = sorted({k for c in named for k in sweepable(c)})
             raise ValueError(
-                f"--sweep: unknown config key {key!r}"
-                + (" for every rule and model swept" if names else "")
-                + f"; the numeric (vmapped) keys: {', '.join(known)}; any other config key is "
-                "a structural axis."
+                f"--sweep: no swept rule reads the config key {key!r}; their numeric (vmapped) "
+                f"keys: {', '.join(known)}; any other config key is a structural axis."
             )
         kinds = {key in config_lib.hparams(c) for c in having}
         if len(kinds) > 1:
@@ -197,7 +212,7 @@ def plan(
     for name_values, config in zip(
         [dict(zip([a.key for a in names], c)) for c in _product(names)], named
     ):
-        mine = [a for a in axes if a.key not in NAME_KEYS and _has_key(config, a.key)]
+        mine = [a for a in axes if a.key not in NAME_KEYS and _applies(config, a.key)]
         structural = [a for a in mine if not a.numeric]
         numeric = [a for a in mine if a.numeric]
         for combo in _product(structural):

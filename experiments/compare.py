@@ -17,7 +17,9 @@ machine (``--budget_seconds``) instead.
 way: each method's grid of the keys its config has (a learning rate for all, sigma for node
 perturbation, ...) trains as one vmapped program on TUNING seeds (1000, 1001, ...); the point
 with the lowest mean final validation loss is chosen, then trained on the reported seeds (0, 1,
-...) at the method's steps or budget and reported on test:
+...) at the method's steps or budget and reported on test. ``--tune_seeds=N``: N tuning seeds
+per point (default: as many as ``--seeds``). Keys a rule does not read (a swarm's optimizer)
+are not tuned for it:
 
     python -m experiments.compare --config=experiments/configs/np_family.py \
         --methods=bp,np,danp --data=digits --tune='optimizer.learning_rate=logspace(-4,-2,5)' \
@@ -261,7 +263,8 @@ def main(argv: list[str]) -> None:
                 _BUDGET_PASSES.value,
                 _BUDGET_SECONDS.value,
             )
-            tuned = tune(config, _TUNE.value, _SEEDS.value) if _TUNE.value else None
+            tune_seeds = _TUNE_SEEDS.value or _SEEDS.value
+            tuned = tune(config, _TUNE.value, tune_seeds) if _TUNE.value else None
             results[data][method] = {**run_one(config, _SEEDS.value), "tuned": tuned}
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +296,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
         [],
         "KEY=SPEC (as experiments.sweep's --sweep): each method's grid of the keys it has, chosen "
         "by validation loss on tuning seeds, then reported on fresh seeds.",
+    )
+    _TUNE_SEEDS = flags.DEFINE_integer(
+        "tune_seeds", 0, "Tuning seeds per grid point (1000, 1001, ...; 0: as many as --seeds)."
     )
     _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
     app.run(main)

@@ -84,8 +84,20 @@ def test_rule_names_switch_the_section_and_rule_options_apply_where_they_exist(c
     assert [len(p.numeric) for p in plan] == [3, 3, 6, 6]
     assert plan[0].numeric[1] == {"optimizer.learning_rate": 1e-2}
     assert plan[0].config.rule.name == "backprop" and plan[3].config.model.widths == (16,)
-    with pytest.raises(ValueError, match="'rule.num_particles' for every rule and model swept"):
+    with pytest.raises(ValueError, match="no swept rule reads the config key 'rule.num_partic"):
         sweep.plan(config, flags[:1] + ["rule.num_particles=[2]"], 0, lambda v: config)
+    # a swarm moves the parameters itself: its optimizer keys are no hyperparameters of it
+    pso = base_config(rule="pso", model="mlp", data="digits")
+    assert "optimizer.learning_rate" not in sweep.sweepable(pso)
+    with pytest.raises(ValueError, match="rule 'pso' does not use the optimizer section"):
+        sweep.plan(pso, ["optimizer.learning_rate=[1e-3]"], 0, lambda v: pso)
+    _, plan = sweep.plan(
+        config,
+        ["rule.name=[pso,backprop]", "optimizer.learning_rate=[1e-3,1e-2]"],
+        0,
+        lambda v: point_config(config, v, 0),
+    )
+    assert [len(p.numeric) for p in plan] == [1, 2]
     with pytest.raises(ValueError, match="a key given twice"):
         sweep.plan(config, flags[:1] * 2, 0, lambda v: config)
 

@@ -107,6 +107,12 @@ def phase_steps(
     return lambda t: bool(phase_step(options, int(t)))
 
 
+def uses_optimizer(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether rule ``name`` with ``options`` applies the configured optimizer
+    (``RuleSpec.uses_optimizer``)."""
+    return bool(get_rule_spec(name).uses_optimizer(check_options(name, options or {})))
+
+
 def wants_x64(name: str, options: Mapping[str, Any] | None = None) -> bool:
     """Whether rule ``name`` with ``options`` solves in float64 (``RuleSpec.wants_x64``)."""
     return bool(get_rule_spec(name).wants_x64(check_options(name, options or {})))

@@ -77,6 +77,11 @@ def never(options: dict[str, Any]) -> bool:
     return False
 
 
+def always(options: dict[str, Any]) -> bool:
+    del options
+    return True
+
+
 class RuleSpec(NamedTuple):
     """A registry entry: how to build a rule, what it needs and what a step costs.
 
@@ -94,6 +99,9 @@ class RuleSpec(NamedTuple):
     from 1) runs the rule's occasional expensive phase (hybrid's evolution phase); the runner
     runs each such step as a compiled chunk of its own and reports its wall time
     (``altlearn.runner``). None: the rule has no phases.
+    ``uses_optimizer(options)``: whether the rule applies the configured optax optimizer (a
+    swarm moves the parameters itself); where it does not, the ``optimizer.*`` keys are no
+    hyperparameters of it (not swept, not tuned).
     """
 
     factory: Callable[..., LearningRule]  # factory(model, task, optimizer, data, **options)
@@ -106,6 +114,7 @@ class RuleSpec(NamedTuple):
     gradient_like: bool = False
     nested: tuple[tuple[str, str], ...] = ()
     phase_step: Callable[[dict[str, Any], int], bool] | None = None
+    uses_optimizer: Callable[[dict[str, Any]], bool] = always
 
 
 def rule_options(spec: RuleSpec) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from absl import logging
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import Batch, LearningRule, Metrics, RuleSpec, Splits, Variables
+from altlearn.rules.base import Batch, LearningRule, Metrics, RuleSpec, Splits, Variables, never
 
 DTYPES = ("auto", "float64", "float32")
 SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu")
@@ -385,6 +385,7 @@ SPEC = RuleSpec(
     source="paper 002 (Barbu, arXiv 2304.02972)",
     cost=cost,
     wants_x64=lambda options: options.get("dtype", "auto") != "float32",
+    uses_optimizer=never,
 )
 
 __all__ = [

@@ -348,4 +348,9 @@ SPEC = RuleSpec(
     "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
     source="evosax (Lange 2023)",
     cost=cost,
+    # the strategies that follow a search gradient take the configured optimizer (docstring)
+    uses_optimizer=lambda options: (
+        "optimizer" in constructor_args(strategy_class(options["strategy"]))
+        and "optimizer" not in (options["strategy_kwargs"] or {})
+    ),
 )

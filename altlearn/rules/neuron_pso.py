@@ -57,6 +57,7 @@ from altlearn.rules.base import (
     Variables,
     batch_loss,
     check_count,
+    never,
 )
 
 UPDATE_ORDERS = ("jacobi", "gauss_seidel")
@@ -332,4 +333,5 @@ SPEC = RuleSpec(
     "one vmap, downstream-only evaluation",
     source="paper 000 (Kumar, arXiv 2412.05667)",
     cost=cost,
+    uses_optimizer=never,
 )

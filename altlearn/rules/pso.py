@@ -56,6 +56,7 @@ from altlearn.rules.base import (
     Splits,
     Variables,
     check_count,
+    never,
     params_loss,
 )
 
@@ -171,4 +172,5 @@ SPEC = RuleSpec(
     "re-scored on each batch; population vmapped, chunked, sharded",
     source="baseline of paper 000 (Kumar, arXiv 2412.05667); Clerc & Kennedy 2002",
     cost=cost,
+    uses_optimizer=never,
 )

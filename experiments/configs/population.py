@@ -4,11 +4,12 @@ The variant picks the method and the dataset:
     --config=experiments/configs/population.py:method=neuron_pso,data=moons
 methods: bp (backprop, Adam), pso (whole-network particle swarm), neuron_pso (per-neuron
 cooperative swarms, paper 000), open_es, snes, sep_cma_es (evosax strategies on the same MLP).
-data: moons, circles, digits, or csv:<path> (e.g. csv:data/rice.csv for the UCI Rice table).
+data: moons, circles, digits, mnist1d, or csv:<path> (e.g. csv:data/rice.csv for the UCI Rice
+table).
 
-Model: MLP in-16-out (tables) or in-32-out (digits), tanh, batch 128. Steps: 500 by default;
-experiments/compare.py's --budget_forward_passes / --budget_seconds give every method the same
-budget instead. About 5-60 s per run on 2 CPU cores. Expected: backprop best on digits; the
+Model: MLP in-16-out (tables) or in-32-out (digits, mnist1d), tanh, batch 128. Steps: 500 by
+default; experiments/compare.py's --budget_forward_passes / --budget_seconds give every method
+the same budget instead. About 5-60 s per run on 2 CPU cores. Expected: backprop best on digits; the
 swarms close to it on moons and circles (docs/RESULTS.md has the measured table).
 """
 
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None):
     config = base_config(rule=rule, model="mlp", data=v["data"])
     for key, value in options.items():
         config.rule[key] = value
-    config.model.widths = (32,) if v["data"] == "digits" else (16,)
+    config.model.widths = (32,) if v["data"] in ("digits", "mnist1d") else (16,)
     config.model.activation = "tanh"
     config.batch_size = 128
     config.steps = 500

@@ -18,7 +18,8 @@ way: each method's grid of the keys its config has (a learning rate for all, sig
 perturbation, ...) trains as one vmapped program on TUNING seeds (1000, 1001, ...); the point
 with the lowest mean final validation loss is chosen, then trained on the reported seeds (0, 1,
 ...) at the method's steps or budget and reported on test. ``--tune_seeds=N``: N tuning seeds
-per point (default: as many as ``--seeds``). Keys a rule does not read (a swarm's optimizer)
+per point (default: as many as ``--seeds``); ``--tune_by=val_accuracy`` chooses by the final
+validation accuracy instead of the loss. Keys a rule does not read (a swarm's optimizer)
 are not tuned for it:
 
     python -m experiments.compare --config=experiments/configs/np_family.py \
@@ -168,13 +169,25 @@ def tune_keys(configs: dict[str, Any], specs: list[str]) -> None:
             )
 
 
-def tune(config, specs: list[str], seeds: int) -> dict[str, Any] | None:
-    """The point of the ``--tune`` grid (the keys ``config`` has) with the lowest mean final
-    validation loss over ``seeds`` TUNING seeds (``TUNE_SEEDS_FROM`` on), all points and seeds
-    as one vmapped program; ``config`` is set to it. None if no key applies."""
+TUNE_BY = ("val_loss", "val_accuracy")  # what --tune_by may choose by
+
+
+def check_tune_by(by: str) -> None:
+    if by not in TUNE_BY:
+        raise ValueError(f"--tune_by={by}: valid choices: {', '.join(TUNE_BY)}.")
+
+
+def tune(config, specs: list[str], seeds: int, by: str = "val_loss") -> dict[str, Any] | None:
+    """The point of the ``--tune`` grid (the keys ``config`` has) with the best mean final
+    validation figure ``by`` (the lowest loss or the highest accuracy) over ``seeds`` TUNING
+    seeds (``TUNE_SEEDS_FROM`` on), all points and seeds as one vmapped program; ``config`` is
+    set to it. None if no key applies."""
+    check_tune_by(by)
     mine = [s for s in specs if s.partition("=")[0].strip() in config_lib.hparams(config)]
     if not mine:
         return None
+    if by == "val_accuracy" and not Experiment(config).task.is_classification:
+        raise ValueError("--tune_by=val_accuracy needs a classification dataset; use val_loss.")
     axes = [sweep_lib.parse_axis(config, spec, seed=int(config.seed)) for spec in mine]
     points = sweep_lib.points(axes)[1]
     keys = jnp.stack(
@@ -183,8 +196,9 @@ def tune(config, specs: list[str], seeds: int) -> dict[str, Any] | None:
     hparams = {k: jnp.asarray([p[k] for p in points for _ in range(seeds)]) for k in points[0]}
     t = time.perf_counter()
     _, out = jax.jit(jax.vmap(make_train(config)))(keys, hparams)
-    val = np.asarray(out["eval"]["val_loss"], np.float64).reshape(len(points), seeds)
-    score = np.where(np.isfinite(val), val, np.inf).mean(axis=1)
+    val = np.asarray(out["eval"][by], np.float64).reshape(len(points), seeds)
+    sign = 1.0 if by == "val_loss" else -1.0  # lower is better
+    score = np.where(np.isfinite(val), sign * val, np.inf).mean(axis=1)
     best = int(np.argmin(score))
     for key, value in points[best].items():
         section, _, leaf = key.rpartition(".")
@@ -194,7 +208,8 @@ def tune(config, specs: list[str], seeds: int) -> dict[str, Any] | None:
         node[leaf] = value
     return {
         "grid": points,
-        "mean_val_loss": score.tolist(),
+        "by": by,
+        f"mean_{by}": (sign * score).tolist(),
         "chosen": points[best],
         "tuning_seeds": list(range(TUNE_SEEDS_FROM, TUNE_SEEDS_FROM + seeds)),
         "seconds": time.perf_counter() - t,
@@ -251,6 +266,7 @@ def main(argv: list[str]) -> None:
             configs[method] = get_config(variant)
         try:
             tune_keys(configs, _TUNE.value)
+            check_tune_by(_TUNE_BY.value)
         except ValueError as e:
             sys.exit(f"error: {e}")
         for method, config in configs.items():
@@ -264,7 +280,7 @@ def main(argv: list[str]) -> None:
                 _BUDGET_SECONDS.value,
             )
             tune_seeds = _TUNE_SEEDS.value or _SEEDS.value
-            tuned = tune(config, _TUNE.value, tune_seeds) if _TUNE.value else None
+            tuned = tune(config, _TUNE.value, tune_seeds, _TUNE_BY.value) if _TUNE.value else None
             results[data][method] = {**run_one(config, _SEEDS.value), "tuned": tuned}
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +315,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     )
     _TUNE_SEEDS = flags.DEFINE_integer(
         "tune_seeds", 0, "Tuning seeds per grid point (1000, 1001, ...; 0: as many as --seeds)."
+    )
+    _TUNE_BY = flags.DEFINE_string(
+        "tune_by", "val_loss", f"What tuning chooses by: {' or '.join(TUNE_BY)} (final, mean)."
     )
     _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
     app.run(main)

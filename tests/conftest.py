@@ -20,6 +20,23 @@ import pytest  # noqa: E402
 from altlearn.config import base_config  # noqa: E402
 
 
+def small_problem(widths: tuple[int, ...]):
+    """(model, variables, data, batches): an MLP 6-widths-3 on 96 random samples, split 64
+    train / 32 val, and four training batches of 16 (a rule's own tests step it by hand)."""
+    import jax
+
+    from altlearn import models
+
+    model = models.mlp((6,), 3, widths=widths)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(keys[0], (96, 6))
+    y = jax.random.randint(keys[1], (96,), 0, 3)
+    variables = model.init(keys[2], x[:1])
+    data = {"train": (x[:64], y[:64]), "val": (x[64:], y[64:])}
+    batches = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
+    return model, variables, data, batches
+
+
 def set_dotted(config, overrides: dict) -> None:
     for key, value in overrides.items():
         *path, leaf = key.split(".")

@@ -54,6 +54,12 @@ def test_tuning_chooses_by_validation_on_tuning_seeds_and_skips_keys_a_method_la
     assert tuned["chosen"] == {"optimizer.learning_rate": 1e-2, "rule.sigma": 1e-2}
     assert tuned["mean_val_loss"][1] < tuned["mean_val_loss"][0]  # lr 1e-6 barely moves
     assert config.optimizer.learning_rate == 1e-2
+    config.optimizer.learning_rate = 1e-6
+    by_accuracy = compare.tune(config, specs, seeds=2, by="val_accuracy")
+    assert by_accuracy["chosen"] == tuned["chosen"] and by_accuracy["by"] == "val_accuracy"
+    assert by_accuracy["mean_val_accuracy"][1] > by_accuracy["mean_val_accuracy"][0]
+    with pytest.raises(ValueError, match="--tune_by=test_accuracy: valid choices: val_loss, val_"):
+        compare.tune(config, specs, seeds=1, by="test_accuracy")
     backprop = tiny_config("backprop", steps=6, eval_every=6)
     assert compare.tune(backprop, ["rule.sigma=[1e-2]"], seeds=1) is None  # bp has no sigma
     with pytest.raises(ValueError, match="'rule.sgima' is no method's sweepable float"):

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import small_problem, tiny_config
 from test_cli import run_binary
 
-from altlearn import losses, models, rules, runner
+from altlearn import losses, rules, runner
 
 TASK = losses.make_task("classification")
 LR = 0.05
@@ -20,14 +20,7 @@ LR = 0.05
 
 @pytest.fixture(scope="module")
 def problem():
-    model = models.mlp((6,), 3, widths=(8,))
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    x = jax.random.normal(keys[0], (96, 6))
-    y = jax.random.randint(keys[1], (96,), 0, 3)
-    variables = model.init(keys[2], x[:1])
-    data = {"train": (x[:64], y[:64]), "val": (x[64:], y[64:])}
-    batches = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
-    return model, variables, data, batches
+    return small_problem((8,))
 
 
 def _persistent(problem, **options):

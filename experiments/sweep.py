@@ -12,7 +12,8 @@ compilation per structural point; ``rule.name`` (``model.name``) switches the se
 rule's own keys apply to the points whose rule has them (``altlearn.sweep.plan``). Seed s of a
 point uses the key ``experiments.train --config.seed=s`` uses (``PRNGKey(s)``) and the data
 split of the config's own seed (``data.split_seed``, default the config's seed), so a row equals
-that point trained alone with the printed command, to float rounding (vmap may reorder sums).
+that point trained alone with the printed command, to float rounding (vmap may reorder sums;
+where it is bit-exact: the README, Sweeps).
 
 ``--memory_budget_mb``: the points of a structural point run in sequential chunks of one
 compiled program whose XLA memory analysis fits the budget. With several devices each chunk's

@@ -392,6 +392,13 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    def wide(values) -> bool:
+        """Positive figures spanning more than 20x: shown on a log scale."""
+        values = np.asarray(list(values), np.float64)
+        values = values[np.isfinite(values)]
+        return values.size > 0 and values.min() > 0 and values.max() / values.min() > 20
 
     structural = [a.key for a in axes if not a.numeric]
     label = lambda r: ", ".join(
@@ -430,6 +437,8 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
         every = [r[axis.key] for r in rows if axis.key in r]
         if min(every) > 0 and max(every) / min(every) > 20:
             ax.set_xscale("log")
+        if wide(r[score] for r in rows):  # a diverged point would flatten the others
+            ax.set_yscale("log")
         ax.set_xlabel(axis.key)
         ax.set_ylabel(f"final {score}")
         if len(groups) > 1:
@@ -441,7 +450,8 @@ def plot(rows: list[dict[str, Any]], axes: list[sweep_lib.Axis], score: str, pat
         for k, v in by.items():
             i, j = ys.index(k[1]), xs.index(k[0])
             grid[i, j] = np.nanmin([grid[i, j], np.mean(v)])
-        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        norm = LogNorm() if wide(grid[np.isfinite(grid)]) else None
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xs)), [f"{x:.3g}" for x in xs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(ys)), [f"{y:.3g}" for y in ys], fontsize=7)
         ax.set_xlabel(keys[0])

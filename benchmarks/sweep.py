@@ -75,49 +75,66 @@ class Compiles:
 
 
 def measure(
-    points: int, seeds: int, steps: int, separate: bool = True, base=None
+    points: int, seeds: int, steps: int, separate: bool = True, base=None, sample: int = 0
 ) -> dict[str, Any]:
     """The three ways timed; ``base``: the config (default experiments/configs/digits.py; the
-    separate processes always run that file)."""
+    separate processes always run that file). ``sample`` > 0: the two one-run-at-a-time ways
+    run only that many of the runs (spread over the learning rates) and their wall time,
+    compilations and compile time are scaled to all runs (``estimated_from`` says from how
+    many): at hundreds of runs they would take hours."""
     rates = np.logspace(-4, -2, points)
     base = base or digits.get_config()
     base.steps, base.eval_every = steps, steps
     flag = f"optimizer.learning_rate=logspace(-4,-2,{points})"
     compiles = Compiles()
     out: dict[str, Any] = {"points": points, "seeds": seeds, "steps": steps, "runs": points * seeds}
+    runs = [(i, s) for i in range(points) for s in range(seeds)]
+    timed = runs
+    if 0 < sample < len(runs):
+        timed = [runs[j] for j in np.linspace(0, len(runs) - 1, sample).round().astype(int)]
+    scale = len(runs) / len(timed)
+
+    def scaled(result: dict[str, Any]) -> dict[str, Any]:
+        if scale == 1:
+            return result
+        keys = ("wall_s", "compiles", "program_compiles", "compile_s")
+        return {**{k: result[k] * scale for k in keys}, "estimated_from": len(timed)}
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         out["sweep"] = compiles.measure(lambda: sweep.run_sweep(base, [flag], seeds, work / "s"))
 
         def one_process():
-            for i, lr in enumerate(rates):
-                for s in range(seeds):
-                    config = base.copy_and_resolve_references()
-                    config.optimizer.learning_rate, config.seed = float(lr), s
-                    runner.run(config, work / f"p{i}_{s}")
+            for i, s in timed:
+                config = base.copy_and_resolve_references()
+                config.optimizer.learning_rate, config.seed = float(rates[i]), s
+                runner.run(config, work / f"p{i}_{s}")
 
-        out["one_process"] = compiles.measure(one_process)
+        out["one_process"] = scaled(compiles.measure(one_process))
         if separate:
             per_run = compiles.measure(
                 lambda: runner.run(base.copy_and_resolve_references(), work / "single")
             )
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             t = time.perf_counter()
-            for i, lr in enumerate(rates):
-                for s in range(seeds):
-                    cmd = [
-                        sys.executable, "-m", "experiments.train",
-                        "--config=experiments/configs/digits.py",
-                        f"--config.steps={steps}", f"--config.eval_every={steps}",
-                        f"--config.optimizer.learning_rate={float(lr)!r}", f"--config.seed={s}",
-                        f"--workdir={work / f'x{i}_{s}'}",
-                    ]  # fmt: skip
-                    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
-            runs = points * seeds
-            out["separate_processes"] = {  # each process compiles what one run does
-                "wall_s": time.perf_counter() - t,
-                **{k: per_run[k] * runs for k in ("compiles", "program_compiles", "compile_s")},
-            }
+            for i, s in timed:
+                cmd = [
+                    sys.executable, "-m", "experiments.train",
+                    "--config=experiments/configs/digits.py",
+                    f"--config.steps={steps}", f"--config.eval_every={steps}",
+                    f"--config.optimizer.learning_rate={float(rates[i])!r}", f"--config.seed={s}",
+                    f"--workdir={work / f'x{i}_{s}'}",
+                ]  # fmt: skip
+                subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+            out["separate_processes"] = scaled(
+                {  # each process compiles what one run does
+                    "wall_s": time.perf_counter() - t,
+                    **{
+                        k: per_run[k] * len(timed)
+                        for k in ("compiles", "program_compiles", "compile_s")
+                    },
+                }
+            )
             out["sweep_vs_separate"] = out["sweep"]["wall_s"] / out["separate_processes"]["wall_s"]
     out["sweep_vs_one_process"] = out["sweep"]["wall_s"] / out["one_process"]["wall_s"]
     return out
@@ -136,9 +153,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         if name in result:
             r = result[name]
             ratio = f"{r['wall_s'] / base:.2f}x" if base else "-"
+            how = name.replace("_", " ")
+            if "estimated_from" in r:
+                how += f" (timed {r['estimated_from']} runs, scaled)"
             lines.append(
-                f"| {name.replace('_', ' ')} | {r['wall_s']:.1f} s | {ratio} | "
-                f"{r['program_compiles']} ({r['compiles']}) | {r['compile_s']:.1f} s |"
+                f"| {how} | {r['wall_s']:.1f} s | {ratio} | "
+                f"{r['program_compiles']:.0f} ({r['compiles']:.0f}) | {r['compile_s']:.1f} s |"
             )
     return "\n".join(lines)
 
@@ -149,7 +169,7 @@ def main(argv: list[str]) -> None:
     result = {
         "command": command_line("benchmarks.sweep"),
         "machine": machine_facts(),
-        **measure(_POINTS.value, _SEEDS.value, _STEPS.value, _SEPARATE.value),
+        **measure(_POINTS.value, _SEEDS.value, _STEPS.value, _SEPARATE.value, sample=_SAMPLE.value),
     }
     out = write_json(result, _OUT.value)
     print(markdown_table(result))
@@ -164,5 +184,8 @@ if __name__ == "__main__":
     _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per learning rate.")
     _STEPS = flags.DEFINE_integer("steps", 200, "Steps per run.")
     _SEPARATE = flags.DEFINE_bool("separate", True, "Also time one process per run.")
+    _SAMPLE = flags.DEFINE_integer(
+        "sample", 0, "Time only this many runs of the one-at-a-time ways and scale (0: all)."
+    )
     _OUT = flags.DEFINE_string("out", "docs/bench/sweep.json", "JSON output path.")
     app.run(main)

@@ -292,3 +292,6 @@ def test_sweep_benchmark_runs_the_same_runs_and_counts_compilations():
     assert result["sweep"]["program_compiles"] >= 1 and _positive(result["sweep"]["wall_s"])
     assert result["one_process"]["program_compiles"] > result["sweep"]["program_compiles"]
     assert "| sweep |" in sweep.markdown_table(result)
+    sampled = sweep.measure(points=3, seeds=1, steps=4, separate=False, base=base, sample=1)
+    assert sampled["one_process"]["estimated_from"] == 1  # one run timed, scaled to three
+    assert "(timed 1 runs, scaled)" in sweep.markdown_table(sampled)

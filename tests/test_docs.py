@@ -33,7 +33,9 @@ def test_gpu_bench_names_its_parts_on_a_bad_one():
     script = README.parent / "scripts" / "gpu_bench"
     done = subprocess.run(["bash", str(script), "speed"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "Unknown part 'speed'; valid choices: evolution, rules, pso, hybrid, all." in done.stderr
+    assert "Unknown part 'speed'; valid choices: evolution, rules, pso, hybrid, sweep, all." in (
+        done.stderr
+    )
 
 
 def test_readme_rule_example_runs_and_learns():

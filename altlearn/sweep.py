@@ -217,8 +217,11 @@ def plan(
         numeric = [a for a in mine if a.numeric]
         for combo in _product(structural):
             values = {**name_values, **dict(zip([a.key for a in structural], combo))}
-            numeric_grid = [dict(zip([a.key for a in numeric], c)) for c in _product(numeric)]
-            points.append(Point(values, configure(values) if combo else config, numeric_grid))
+            point_config = configure(values) if combo else config
+            # a structural value may change what the rule reads (rule.strategy: the optimizer)
+            reads = [a for a in numeric if _applies(point_config, a.key)]
+            grid = [dict(zip([a.key for a in reads], c)) for c in _product(reads)]
+            points.append(Point(values, point_config, grid))
     return axes, points
 
 

@@ -98,6 +98,14 @@ def test_rule_names_switch_the_section_and_rule_options_apply_where_they_exist(c
         lambda v: point_config(config, v, 0),
     )
     assert [len(p.numeric) for p in plan] == [1, 2]
+    evolution = base_config(rule="evolution", model="mlp", data="digits")
+    _, plan = sweep.plan(
+        evolution,
+        ["rule.strategy=[Open_ES,Sep_CMA_ES]", "optimizer.learning_rate=[1e-3,1e-2]"],
+        0,
+        lambda v: point_config(evolution, v, 0),
+    )
+    assert [len(p.numeric) for p in plan] == [2, 1]  # Sep_CMA_ES takes no optimizer
     with pytest.raises(ValueError, match="a key given twice"):
         sweep.plan(config, flags[:1] * 2, 0, lambda v: config)
 

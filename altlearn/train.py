@@ -108,6 +108,7 @@ class Experiment:
         # The whole splits a rule declares (RuleSpec.splits), as device arrays; never the test.
         x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
         self.rule_data = {"train": (self.x_train, self.y_train), "val": (x_val, y_val)}
+        self.split_sizes = {name: int(x.shape[0]) for name, (x, _) in self.rule_data.items()}
 
         # t -> whether step t (from 1) runs the rule's occasional phase, or None (RuleSpec).
         self.phase_steps = rules.phase_steps(

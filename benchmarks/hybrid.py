@@ -80,7 +80,9 @@ def measure(
         "bp_chunk_s": median["bp"],
         "phase_s": (median["hybrid"] - median["bp"]) / chunks,
         "ratio_vs_bp": median["hybrid"] / median["bp"],
-        "cost_ratio_vs_bp": rules.step_cost("hybrid", hybrid.model, options, hybrid.batch_size)
+        "cost_ratio_vs_bp": rules.step_cost(
+            "hybrid", hybrid.model, options, hybrid.batch_size, hybrid.split_sizes
+        )
         / rules.step_cost("backprop", hybrid.model, {}),
         "compile_s": {m: loop.compile_s for m, loop in loops.items()},
         "steps_run": {m: int(loop.state.step) for m, loop in loops.items()},

@@ -56,7 +56,13 @@ def forward_passes(experiment: Experiment) -> float:
     ``RuleSpec.cost``; a backward or jvp pass counts 2)."""
     config = experiment.config
     options = {k: v for k, v in config.rule.items() if k != "name"}
-    return rules.step_cost(config.rule.name, experiment.model, options, experiment.batch_size)
+    return rules.step_cost(
+        config.rule.name,
+        experiment.model,
+        options,
+        experiment.batch_size,
+        experiment.split_sizes,
+    )
 
 
 PROBE_SECONDS = 0.5

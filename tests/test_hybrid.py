@@ -272,3 +272,19 @@ def test_needs_a_validation_split(problem):
     config.data.validation_fraction = 0.0
     with pytest.raises(ValueError, match="validation_fraction"):
         Experiment(config)
+
+
+def test_cost_counts_the_validation_samples_a_phase_scores():
+    """(1 + lambda) validation passes per phase of 1 generation, every es_every steps, in
+    training batches: the split's own size where it is smaller than val_size or val_size is 0
+    (the whole split); the nominal val_size where the caller does not know the data."""
+    per_phase = 1 + 8  # the parent and 8 offspring, one generation (the defaults)
+    assert rules.step_cost("hybrid", None, {}, 64) == pytest.approx(3 + per_phase * 512 / 64 / 100)
+    sizes = {"train": 1000, "val": 144}
+    assert rules.step_cost("hybrid", None, {}, 64, sizes) == pytest.approx(
+        3 + per_phase * 144 / 64 / 100
+    )
+    whole = rules.step_cost("hybrid", None, {"val_size": 0}, 64, {"val": 300})
+    assert whole == pytest.approx(3 + per_phase * 300 / 64 / 100)
+    with pytest.raises(ValueError, match="its cost needs the split's size"):
+        rules.step_cost("hybrid", None, {"val_size": 0}, 64)

@@ -83,16 +83,21 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def step_cost(
-    name: str, model: Model, options: Mapping[str, Any] | None = None, batch_size: int | None = None
+    name: str,
+    model: Model,
+    options: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    split_sizes: Mapping[str, int] | None = None,
 ) -> float:
     """Forward-pass equivalents one step of rule ``name`` spends (its ``RuleSpec.cost``), in
     passes of a training batch. A rule that also evaluates other data (hybrid's validation
-    samples) takes ``batch_size`` as its cost's third argument to convert."""
+    samples) takes ``batch_size`` (to convert) and ``split_sizes`` (samples per split, where the
+    caller knows the data) as keyword arguments of its cost."""
     cost = get_rule_spec(name).cost
     options = check_options(name, options or {})
-    if "batch_size" in inspect.signature(cost).parameters:
-        return float(cost(model, options, batch_size))
-    return float(cost(model, options))
+    accepts = inspect.signature(cost).parameters
+    extra = {"batch_size": batch_size, "split_sizes": split_sizes}
+    return float(cost(model, options, **{k: v for k, v in extra.items() if k in accepts}))
 
 
 def phase_steps(

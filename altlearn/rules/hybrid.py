@@ -377,11 +377,14 @@ def hybrid(
     return LearningRule(init, step, report=report)
 
 
-def phase_cost(options: dict[str, Any], batch_size: int | None = None) -> float:
+def phase_cost(
+    options: dict[str, Any], batch_size: int | None = None, val_samples: int | None = None
+) -> float:
     """Forward passes one evolution phase spends, in training batches (of ``batch_size``; None:
-    in validation batches of ``val_size``): the parent's validation loss and lambda offspring per
-    generation (one more evaluated population for a population-based strategy), plus a
-    backward pass for GuidedES's guide."""
+    in validation batches): the parent's validation loss and lambda offspring per generation
+    (one more evaluated population for a population-based strategy), plus a backward pass for
+    GuidedES's guide. ``val_samples``: the samples scored (default ``val_size``; the whole split,
+    ``val_size=0``, needs it)."""
     lam, generations = int(options["population_size"]), int(options["es_generations"])
     populations = generations
     strategy = options["strategy"]
@@ -390,7 +393,11 @@ def phase_cost(options: dict[str, Any], batch_size: int | None = None) -> float:
 
         if issubclass(strategy_class(strategy), PopulationBasedAlgorithm):
             populations += 1
-    samples = int(options["val_size"]) or 1
+    samples = int(options["val_size"]) if val_samples is None else int(val_samples)
+    if samples == 0:
+        raise ValueError(
+            "val_size=0 scores the whole validation split: its cost needs the split's size."
+        )
     per = samples / batch_size if batch_size else 1.0
     return (1 + lam * populations) * per + (3.0 if options["guide"] else 0.0)
 
@@ -400,11 +407,21 @@ def is_phase_step(es_every: int, final_phase_step: int, t: Any) -> Any:
     return (t % es_every == 0) | ((final_phase_step > 0) & (t == final_phase_step))
 
 
-def cost(model: Model, options: dict[str, Any], batch_size: int | None = None) -> float:
+def cost(
+    model: Model,
+    options: dict[str, Any],
+    batch_size: int | None = None,
+    split_sizes: dict[str, int] | None = None,
+) -> float:
     """A backprop step (3) plus one evolution phase's forward passes every ``es_every`` steps
-    (``phase_cost``)."""
+    (``phase_cost``), counting the validation samples a phase scores: ``val_size`` at most the
+    split's size where ``split_sizes`` gives it, else the nominal ``val_size``."""
     del model
-    return 3.0 + phase_cost(options, batch_size) / int(options["es_every"])
+    val_samples = None
+    if split_sizes and "val" in split_sizes:
+        n_val, asked = int(split_sizes["val"]), int(options["val_size"])
+        val_samples = n_val if asked == 0 else min(asked, n_val)
+    return 3.0 + phase_cost(options, batch_size, val_samples) / int(options["es_every"])
 
 
 SPEC = RuleSpec(

@@ -89,9 +89,9 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
 
 
 def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
-    flags = (*DIGITS_FLAGS[:1], "--config.steps=600", "--config.eval_every=60")
+    flags = (*DIGITS_FLAGS, "--config.steps=400", "--config.eval_every=40")
     config = digits.get_config()  # what the flags give, trained whole in this process
-    config.steps, config.eval_every = 600, 60
+    config.steps, config.eval_every, config.model.widths = 400, 40, (32,)
     runner.run(config, tmp_path / "whole")
 
     cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'cut'}", *flags]

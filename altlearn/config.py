@@ -223,6 +223,15 @@ def hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
     return out
 
 
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets the dotted ``key`` (``rule.strategy_params.std_init``) of ``config`` to ``value``."""
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+
+
 def _with(node: Any, prefix: str, hp: dict[str, Any]) -> dict:
     out = {}
     for key, value in node.items():

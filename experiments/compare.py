@@ -192,7 +192,8 @@ def tune(config, specs: list[str], seeds: int, by: str = "val_loss") -> dict[str
     mine = [s for s in specs if s.partition("=")[0].strip() in config_lib.hparams(config)]
     if not mine:
         return None
-    if by == "val_accuracy" and not Experiment(config).task.is_classification:
+    train = make_train(config)  # loads the data once: the check below and the grid use it
+    if by == "val_accuracy" and not train.experiment.task.is_classification:
         raise ValueError("--tune_by=val_accuracy needs a classification dataset; use val_loss.")
     axes = [sweep_lib.parse_axis(config, spec, seed=int(config.seed)) for spec in mine]
     points = sweep_lib.points(axes)[1]
@@ -201,17 +202,13 @@ def tune(config, specs: list[str], seeds: int, by: str = "val_loss") -> dict[str
     )
     hparams = {k: jnp.asarray([p[k] for p in points for _ in range(seeds)]) for k in points[0]}
     t = time.perf_counter()
-    _, out = jax.jit(jax.vmap(make_train(config)))(keys, hparams)
+    _, out = jax.jit(jax.vmap(train))(keys, hparams)
     val = np.asarray(out["eval"][by], np.float64).reshape(len(points), seeds)
     sign = 1.0 if by == "val_loss" else -1.0  # lower is better
     score = np.where(np.isfinite(val), sign * val, np.inf).mean(axis=1)
     best = int(np.argmin(score))
     for key, value in points[best].items():
-        section, _, leaf = key.rpartition(".")
-        node = config
-        for part in section.split("."):
-            node = node[part]
-        node[leaf] = value
+        config_lib.set_key(config, key, value)
     return {
         "grid": points,
         "by": by,

@@ -103,12 +103,8 @@ def point_config(base: ml_collections.ConfigDict, point: dict[str, Any], split: 
         if name is not None:
             config_lib.switch(config, **{kind: name})
     for key, value in point.items():
-        if key not in ("rule.name", "model.name"):
-            section, _, leaf = key.rpartition(".")
-            node = config
-            for part in filter(None, section.split(".")):
-                node = node[part]
-            node[leaf] = value
+        if key not in sweep_lib.NAME_KEYS:
+            config_lib.set_key(config, key, value)
     config_lib.validate(config)
     return config
 

@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 
-from altlearn.config import base_config  # noqa: E402
+from altlearn.config import base_config, set_key  # noqa: E402
 
 
 def small_problem(widths: tuple[int, ...]):
@@ -39,11 +39,7 @@ def small_problem(widths: tuple[int, ...]):
 
 def set_dotted(config, overrides: dict) -> None:
     for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+        set_key(config, key, value)
 
 
 def tiny_config(rule: str = "backprop", steps: int = 20, **overrides):

@@ -21,6 +21,7 @@ Ints, strings, bools and tuples are structural and static.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -164,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         {"name", *models.model_options(config.model.name)},
         hint.format("model"),
     )
+    rules.resolve(config.rule)  # the options of a rule the rule takes (rule.inner), checked
     _check_keys("data", set(config.data.keys()), DATA_KEYS)
     _check_keys("optimizer", set(config.optimizer.keys()), OPTIMIZER_KEYS)
     if config.optimizer.name not in optimizers.OPTIMIZERS:
@@ -207,8 +209,7 @@ def _floats(node: Any, prefix: str) -> dict[str, float]:
 def ignored_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The config sections the rule does not read: ``('optimizer',)`` for a rule that moves the
     parameters itself (``RuleSpec.uses_optimizer``), else none."""
-    options = {k: v for k, v in config.rule.items() if k != "name"}
-    return () if rules.uses_optimizer(config.rule.name, options) else ("optimizer",)
+    return () if rules.resolve(config.rule).uses_optimizer else ("optimizer",)
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -230,6 +231,35 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     for part in path:
         node = node[part]
     node[leaf] = value
+
+
+def has_key(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether the dotted ``key`` is a key of ``config``."""
+    node: Any = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_sets(configs: list[ml_collections.ConfigDict], sets: list[str]) -> None:
+    """``KEY=VALUE`` items (a binary's ``--set``) applied to every config that has KEY (the
+    value read as a Python literal, else as a name), then every config validated; a KEY no
+    config has is an error."""
+    for item in sets:
+        key, sep, text = item.partition("=")
+        having = [c for c in configs if has_key(c, key.strip())]
+        if not sep or not having:
+            raise ValueError(f"--set {item}: give KEY=VALUE with a key the configs have.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare name
+        for config in having:
+            set_key(config, key.strip(), value)
+    for config in configs:
+        validate(config)
 
 
 def _with(node: Any, prefix: str, hp: dict[str, Any]) -> dict:
@@ -271,16 +301,14 @@ def switch(
     return config
 
 
-def switch_nested(config: ml_collections.ConfigDict, names: dict[str, str]) -> None:
-    """For a rule whose option names another rule (``RuleSpec.nested``, e.g. persistent's
-    ``inner``): ``names`` maps such an option to a new rule, whose options replace the nested
-    options section at their defaults (as ``switch`` does for the rule itself)."""
-    spec = rules.get_rule_spec(config.rule.name)
-    for key, rule_key in spec.nested:
-        name = names.get(rule_key)
-        if name is not None and name != config.rule[rule_key]:
-            config.rule[rule_key] = name
-            config.rule[key] = ml_collections.ConfigDict(rules.options_of(name))
+def switch_inner(config: ml_collections.ConfigDict, names: dict[str, str | None]) -> None:
+    """For a rule that takes another rule as an option (``rules.rule_options``, e.g.
+    persistent's ``inner``): ``names`` maps such an option to a rule name, whose section then
+    replaces the option's at its defaults (as ``switch`` does for the rule itself)."""
+    for key in rules.rule_options(config.rule.name):
+        name = names.get(key)
+        if name is not None and name != config.rule[key].name:
+            config.rule[key] = _section(name, rules.options_of(name))
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -372,8 +400,8 @@ def config_from_argv(argv: list[str], default: str) -> tuple[ml_collections.Conf
     config = load_config_file(spec or default)
     names = {kind: _flag_value(argv, f"config.{kind}.name")[0] for kind in SWITCHABLE}
     switch(config, **names)
-    nested = rules.get_rule_spec(config.rule.name).nested
-    switch_nested(config, {k: _flag_value(argv, f"config.rule.{k}")[0] for _, k in nested})
+    inner = rules.rule_options(config.rule.name)
+    switch_inner(config, {k: _flag_value(argv, f"config.rule.{k}.name")[0] for k in inner})
     _check_override_keys(config, argv)
     return config, argv
 

@@ -31,8 +31,8 @@ def registry_tables() -> str:
     lines = ["### Rules", "", "| rule | what it does | needs layers | source | options |"]
     lines.append("|---|---|---|---|---|")
     for name, spec in rules.RULES.items():
-        options = ", ".join(f"`{k}`" for k in rules.rule_options(spec)) or "-"
-        layered = "yes" if spec.needs_layered else "no"
+        options = ", ".join(f"`{k}`" for k in rules.options_of(name)) or "-"
+        layered = "yes" if "layered" in spec.needs else "no"
         lines.append(f"| `{name}` | {spec.summary} | {layered} | {spec.source} | {options} |")
     lines += [
         "",
@@ -115,12 +115,12 @@ def rules_document() -> str:
     lines = [RULES_INTRO.rstrip("\n")]
     for name, spec in rules.RULES.items():
         module = spec.factory.__module__
-        layered = "yes" if spec.needs_layered else "no"
-        splits = ", ".join(spec.splits) or "-"
+        layered = "yes" if "layered" in spec.needs else "no"
+        splits = ", ".join(s for s in spec.needs if s in rules.SPLITS) or "-"
         lines.append(f"| [`{name}`](#{name}) | `{module}` | {spec.source} | {layered} | {splits} |")
     for name, spec in rules.RULES.items():
         module = importlib.import_module(spec.factory.__module__)
-        options = rules.rule_options(spec)
+        options = rules.options_of(name)
         lines += ["", f"## {name}", "", _code(_doc(module)), "", "### Options", ""]
         lines += ["| option | default |", "|---|---|"]
         lines += [f"| `{k}` | `{v!r}` |" for k, v in options.items()] or ["| - | - |"]

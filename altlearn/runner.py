@@ -3,13 +3,14 @@ logging, checkpointing and a NaN check between chunks.
 
 Outputs in ``workdir``: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
 evaluation, with the rule's own metrics averaged over the chunk as ``rule/<name>``),
-``summary.json`` (final figures), ``tensorboard/`` (event files), ``curves.png``
+``summary.json`` (final figures, and the run's provenance: command, commit, versions, machine,
+``altlearn.report``), ``tensorboard/`` (event files), ``curves.png``
 and ``checkpoints/`` (orbax: the initial state, then one per evaluation; the last
 ``keep_checkpoints``). Running again on a workdir that holds a checkpoint resumes from the latest
 readable one and ends with the same numbers as an uninterrupted run; an unreadable newer one
 (damaged files) is moved to ``checkpoints.unreadable/``, never deleted.
 
-A rule with occasional expensive phases (``RuleSpec.phase_step``: hybrid's evolution phases)
+A rule with occasional expensive phases (``LearningRule.phase_step``: hybrid's evolution phases)
 has each phase step run as a compiled chunk of its own (one more compiled program; the numbers
 are those of unsplit chunks), so its wall time is measured: every evaluation record after a
 phase has ``phase_step_time_s`` (the mean wall time of the interval's phase steps),
@@ -39,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from altlearn import plotting
+from altlearn import plotting, report
 from altlearn.data import Dataset
 from altlearn.train import Experiment, TrainState, configure_jax
 
@@ -209,8 +210,8 @@ def run(
     ``dataset`` replaces the one ``config.data`` names (for arrays of your own).
     """
     t_start = time.perf_counter()
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    provenance = report.Provenance()
+    workdir = report.prepare_workdir(Path(workdir).absolute())
     configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
     experiment = Experiment(config, dataset)  # validates the config and loads the data first
     batch_size_requested = int(config.batch_size)
@@ -433,6 +434,7 @@ def run(
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
         "steps_per_s": trained / train_time if train_time > 0 else None,
+        "provenance": provenance.record(),
     }
     if all_phase_times:
         summary["phase_step_time_s"] = float(np.mean(all_phase_times))

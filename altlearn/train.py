@@ -1,13 +1,22 @@
-"""The training loop: the whole run is one function of a PRNG key (purejaxrl style).
+"""The training program: the whole run is one function of a PRNG key (purejaxrl style).
 
-    train = make_train(config)
-    state, metrics = jax.jit(train)(jax.random.key(0))          # one run
-    jax.jit(jax.vmap(train))(keys)                                # seeds in one program
-    jax.jit(jax.vmap(train))(keys, {"optimizer.learning_rate": lrs})  # a sweep
+    train = make_train(config)                  # evaluations every config.eval_every steps
+    state, curves = jax.jit(train)(jax.random.PRNGKey(0))                  # one run
+    jax.jit(jax.vmap(train))(keys)                                          # seeds, one program
+    jax.jit(jax.vmap(train))(keys, {"optimizer.learning_rate": lrs})        # a sweep
 
-``Experiment`` holds the pieces (data on the device, model, task, rule factory) and offers the
-pure functions the binary composes: ``init``, ``train_steps`` (a ``lax.scan`` over steps, run
-in chunks of ``eval_every`` by the binary) and ``evaluate``.
+``curves`` holds every evaluation's figures, step 0 included: ``step``, ``{split}_loss`` and
+``{split}_accuracy`` for every split (train, val, test), ``grad_cosine`` (a gradient-like rule's
+estimate against the true gradient), the rule's own reports and its per-step metrics averaged
+over the interval (``rule/<name>``), and ``train_loss_running`` (the interval's mean batch
+loss; NaN at step 0), each an array over the evaluations. ``make_train(config, eval_at=...)``
+evaluates at the steps given instead. Every binary trains through this program
+(``altlearn.driver`` runs points x seeds of it); the checkpointed single run
+(``altlearn.runner``) runs the same steps and the same evaluation in chunks.
+
+``Experiment`` holds the pieces (data on the device, model, task, the rule resolved once) and
+offers the pure functions the program composes: ``init``, ``train_steps`` (a ``lax.scan`` over
+steps) and ``evaluate``.
 
 Every random choice derives from the run key and the step number: the batch of step t comes
 from the permutation of epoch t // steps_per_epoch, and the rule's key is fold_in(key, t). A run
@@ -17,6 +26,7 @@ resumed from a checkpoint at step t therefore continues exactly as if never stop
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -73,7 +83,14 @@ def split_seed(config: ml_collections.ConfigDict) -> int:
 class Experiment:
     """Data, model, task and rule for one config; every method is pure and jittable."""
 
-    def __init__(self, config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        dataset: data_lib.Dataset | None = None,
+        model: models.Model | None = None,
+    ):
+        """``dataset`` and ``model`` replace the ones ``config`` names (arrays, a flax module
+        of your own: ``models.from_flax``)."""
         config_lib.validate(config)
         self.config = config
         if dataset is None:
@@ -86,11 +103,13 @@ class Experiment:
             )
         self.dataset = dataset
         self.task = losses.make_task(dataset.task, config.loss)
-        model_opts = {k: v for k, v in config.model.items() if k != "name"}
-        self.model = models.make_model(
-            config.model.name, dataset.x_train.shape[1:], dataset.num_outputs, **model_opts
-        )
-        self.spec = rules.get_rule_spec(config.rule.name)
+        if model is None:
+            model_opts = {k: v for k, v in config.model.items() if k != "name"}
+            model = models.make_model(
+                config.model.name, dataset.x_train.shape[1:], dataset.num_outputs, **model_opts
+            )
+        self.model = model
+        self.rule = rules.resolve(config.rule)  # the rule, resolved once
         self.num_train = dataset.x_train.shape[0]
         self.batch_size = min(int(config.batch_size), self.num_train)
         self.steps_per_epoch = self.num_train // self.batch_size
@@ -105,19 +124,36 @@ class Experiment:
             )
             if x.shape[0] > 0
         }
-        # The whole splits a rule declares (RuleSpec.splits), as device arrays; never the test.
+        # The whole splits a rule declares (RuleSpec.needs), as device arrays; never the test.
         x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
         self.rule_data = {"train": (self.x_train, self.y_train), "val": (x_val, y_val)}
-        self.split_sizes = {name: int(x.shape[0]) for name, (x, _) in self.rule_data.items()}
-
-        # t -> whether step t (from 1) runs the rule's occasional phase, or None (RuleSpec).
-        self.phase_steps = rules.phase_steps(
-            config.rule.name, {k: v for k, v in config.rule.items() if k != "name"}
-        )
+        self.sizes = rules.Sizes(self.batch_size, self.num_train, int(x_val.shape[0]))
         self.default_hparams = config_lib.hparams(config)
         self._check_shapes()
         # Build once on concrete values: bad rule options fail here, before anything compiles.
-        self.build_rule(self.default_hparams)
+        self._phase_step = self.build_rule(self.default_hparams).phase_step
+
+    @property
+    def phase_steps(self) -> Callable[[int], bool] | None:
+        """t -> whether step t (counted from 1) runs the rule's occasional phase
+        (``LearningRule.phase_step``), or None for a rule without phases."""
+        return self._phase_step
+
+    @property
+    def step_cost(self) -> float:
+        """Forward-pass equivalents one step of the rule spends (its ``RuleSpec.cost``; a
+        backward or jvp pass counts 2)."""
+        return self.rule.cost(self.model, self.sizes)
+
+    def check_point(self, values: dict[str, Any]) -> None:
+        """Refuses hyperparameter values (a sweep or tuning point) that ``experiments.train``
+        would refuse with them set in the config: checked here, before anything compiles."""
+        self.full_hparams(values)  # an unknown name is refused naming the valid ones
+        config = ml_collections.ConfigDict(self.config.to_dict())
+        for key, value in values.items():
+            config_lib.set_key(config, key, float(value))
+        config_lib.validate(config)
+        self.build_rule({**self.default_hparams, **values})
 
     def _check_shapes(self) -> None:
         x = self.x_train[:1]
@@ -143,10 +179,8 @@ class Experiment:
         optimizer = optimizers.make_optimizer(
             self.config.optimizer.name, total_steps=int(self.config.steps), **opt
         )
-        options = config_lib.section_with(self.config, "rule", hp)
-        name = self.config.rule.name
-        data = {s: self.rule_data[s] for s in self.spec.splits}
-        return rules.make_rule(name, self.model, self.task, optimizer, data, **options)
+        values = {k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith("rule.")}
+        return self.rule(self.model, self.task, optimizer, self.rule_data, values)
 
     def full_hparams(self, hparams: dict[str, Any] | None) -> dict[str, jax.Array]:
         hp = dict(self.default_hparams)
@@ -256,25 +290,103 @@ def configure_jax(config: ml_collections.ConfigDict) -> bool:
     ``RuleSpec.wants_x64``, e.g. closed_form) and the backend has float64 (not a TPU). Call it
     before anything is built; binaries do. Other rules' arrays keep their float32 dtypes.
     Returns whether 64-bit is on."""
-    options = {k: v for k, v in config.rule.items() if k != "name"}
-    wanted = rules.wants_x64(config.rule.name, options)
+    wanted = rules.resolve(config.rule).wants_x64
     if wanted and jax.default_backend() != "tpu" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
     return bool(jax.config.jax_enable_x64)
 
 
-def make_train(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None):
-    """Returns ``train(key, hparams=None) -> (final TrainState, metrics)`` for ``config.steps``.
+def _floating(values: Any) -> Any:
+    """``values`` as floats: an integer or boolean metric becomes float32 (NaN marks a step
+    without it), a float keeps its precision."""
+    if jnp.issubdtype(values.dtype, jnp.floating):
+        return values
+    if isinstance(values, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(values.shape, jnp.float32)
+    return values.astype(jnp.float32)
 
-    ``metrics['step']`` holds the per-step rule metrics ([steps] each) and ``metrics['eval']``
-    the final evaluation. Jit it, vmap it over keys and hyperparameters.
+
+def eval_steps(steps: int, eval_every: int, eval_at: Sequence[int] | None = None) -> list[int]:
+    """The steps a run is evaluated at: ``eval_at`` (or every ``eval_every``-th step), with 0
+    and ``steps`` always included, sorted; a step outside [0, steps] is an error."""
+    if eval_at is None:
+        eval_at = range(0, steps, max(1, eval_every))
+    at = sorted({0, steps, *(int(t) for t in eval_at)})
+    if at[0] < 0 or at[-1] > steps:
+        raise ValueError(f"Evaluation steps must lie in [0, {steps}]; got {at[0]}..{at[-1]}.")
+    return at
+
+
+def segments(intervals: Sequence[int], max_block: int = 4) -> list[tuple[tuple[int, ...], int]]:
+    """``intervals`` (steps between evaluations) as runs ``(block, repeats)`` of a repeated
+    block of at most ``max_block`` intervals: [15] * 20 + [5] is ((15,), 20), ((5,), 1); the
+    evaluations before and after every 100th step, [99, 1] * 30, are ((99, 1), 30). Each run is
+    one ``lax.scan`` of the program, so the program stays small however many evaluations."""
+    out, i, intervals = [], 0, list(intervals)
+    while i < len(intervals):
+        best = (1, 1)  # (covered, period)
+        for p in range(1, max_block + 1):
+            block = intervals[i : i + p]
+            if len(block) < p:
+                break
+            r = 1
+            while intervals[i + r * p : i + (r + 1) * p] == block:
+                r += 1
+            if r * p > best[0] * best[1] or (r > 1 and best[0] == 1):
+                best = (r, p)
+        repeats, period = best
+        out.append((tuple(intervals[i : i + period]), repeats))
+        i += repeats * period
+    return out
+
+
+def make_train(
+    config: ml_collections.ConfigDict,
+    eval_at: Sequence[int] | None = None,
+    dataset: data_lib.Dataset | None = None,
+    observe: Callable[[TrainState], dict[str, jax.Array]] | None = None,
+    model: models.Model | None = None,
+):
+    """Returns ``train(key, hparams=None) -> (final TrainState, curves)`` for ``config.steps``
+    steps, evaluated at step 0, every ``config.eval_every`` steps and at the end (or at the
+    steps of ``eval_at``): the module docstring lists the figures; ``observe(state)`` adds
+    figures of your own (the parameters, say); ``dataset`` and ``model`` replace the config's.
+    Jit it; vmap it over keys and hyperparameters.
+    ``train.experiment`` is the ``Experiment``, ``train.eval_steps`` the evaluation steps.
     """
-    experiment = Experiment(config, dataset)
+    experiment = Experiment(config, dataset, model)
+    steps = int(config.steps)
+    at = eval_steps(steps, int(config.eval_every), eval_at)
+    plan = segments(np.diff(at).tolist())
+
+    def figures(state: TrainState, step_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        out = {"step": state.step, **experiment.evaluate(state)}
+        out["train_loss_running"] = jnp.mean(step_metrics["loss"])
+        for name, values in step_metrics.items():
+            if name != "loss":  # a metric a rule reports on some steps is NaN on the others
+                out[f"rule/{name}"] = jnp.nanmean(_floating(values))
+        return {**out, **(observe(state) if observe is not None else {})}
 
     def train(key: jax.Array, hparams: dict[str, Any] | None = None):
         state = experiment.init(key, hparams)
-        state, step_metrics = experiment.train_steps(state, int(config.steps))
-        return state, {"step": step_metrics, "eval": experiment.evaluate(state)}
+        # STEP 0: the interval figures are NaN (no step taken yet)
+        shapes = jax.eval_shape(lambda s: experiment.train_steps(s, 1)[1], state)
+        empty = {k: jnp.full(v.shape, jnp.nan, _floating(v).dtype) for k, v in shapes.items()}
+        parts = [jax.tree.map(lambda a: a[None], figures(state, empty))]
+        # THE RUN: one scan per run of repeated evaluation intervals
+        for block, repeats in plan:
+
+            def body(s: TrainState, _, block=block):
+                out = []
+                for length in block:
+                    s, step_metrics = experiment.train_steps(s, length)
+                    out.append(figures(s, step_metrics))
+                return s, jax.tree.map(lambda *a: jnp.stack(a), *out)
+
+            state, out = jax.lax.scan(body, state, None, length=repeats)  # [repeats, block]
+            parts.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))
+        return state, jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
     train.experiment = experiment
+    train.eval_steps = at
     return train

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +44,12 @@ import ml_collections
 import optax
 
 from altlearn import models
+from altlearn.report import (  # the machine facts, shared with every binary's report
+    command_line,  # noqa: F401
+    cpu_seconds,
+    machine_facts,  # noqa: F401
+    other_load_cores,
+)
 from altlearn.rules.base import rng_mode
 from altlearn.train import Experiment, TrainState
 
@@ -169,50 +173,6 @@ def memory_bytes(compiled: Any) -> dict[str, int] | None:
 # ---------------------------------------------------------------------- the machine
 
 
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds busy on the whole machine, CPU seconds of this process), Linux only."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-    ticks = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
-
-
-def other_load_cores(start: tuple[float, float] | None, wall: float) -> float | None:
-    """Mean number of cores other processes kept busy since ``start`` (None off Linux)."""
-    end = cpu_seconds()
-    if start is None or end is None or wall <= 0:
-        return None
-    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall)
-
-
-def machine_facts() -> dict[str, Any]:
-    model_name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model_name": model_name,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": device.device_kind,
-        "num_devices": jax.device_count(),
-        "load_average_at_end_incl_this_run": list(os.getloadavg()),
-    }
-
-
 def busy_cores_line(result: dict[str, Any]) -> str | None:
     """'Other processes kept X of N cores busy ...' from a result's fields, if recorded."""
     load = result.get("other_processes_busy_cores")
@@ -230,11 +190,6 @@ def write_json(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
-
-
-def command_line(module: str) -> str:
-    """The command that ran this binary, as the JSON records it."""
-    return " ".join([f"python -m {module}", *sys.argv[1:]])
 
 
 # ---------------------------------------------------------------------- hand-written loops

@@ -1,170 +1,86 @@
-r"""Paper 002's claim, tested: closed-form alternating solves vs SGD and Adam (issue 6).
+r"""Paper 002's claim, tested: closed-form alternating solves vs SGD and Adam.
 
 For each dataset, the same network (in-width-out ReLU), initialisation (seed s gives every method
-the same weights) and square loss for every method:
+the same weights) and square loss for every method, each trained through the engine
+(``altlearn.driver``, the seeds vmapped) and evaluated on the whole training split:
 
-* closed_form: ``--alternations`` alternations per seed, each timed on its own (one jitted step,
-  blocked), so the wall-time axis is the rule's real cumulative time, compile excluded.
-* gd / adam_full (full batch) and sgd / adam (minibatch 64): ``--steps`` steps, or as many as
-  one run makes in closed_form's wall time where that is more (``--max_steps`` caps it), at
-  every learning rate of the grid (``--sgd_lrs``, ``--adam_lrs``) for every seed, as ONE
-  vmapped program per method; the learning rate with the lowest final training loss (mean over
-  seeds) is kept. Their wall-time axis is step x the steady-state time per step of one
-  unbatched run at that rate.
+* closed_form: ``--alternations`` alternations per seed, evaluated after each one.
+* gd / adam_full (full batch) and sgd / adam (minibatch 64): the learning rate of the grid
+  (``--sgd_lrs``, ``--adam_lrs``) with the lowest mean final TRAINING loss on the tuning seeds
+  (``altlearn.tune``: the claim is about optimisation), then ``--steps`` steps on the reported
+  seeds, or as many as one run makes in closed_form's wall time where that is more
+  (``--max_steps`` caps it), ``--records`` evaluations.
 
-Writes ``--out``.json (curves, grids, timings), .md (tables) and .png (training loss against
-wall time per dataset, mean over seeds).
+Every method's wall-time axis is its step count times the steady-state time of ONE run's step
+(``driver.step_seconds``, compilation apart), measured the same way for all. Writes NAME.json
+(curves, grids, timings), NAME.md (tables) and NAME.png (training loss against wall time per
+dataset, mean over seeds) to ``--workdir``.
 
-    python -m experiments.closed_form_compare --out=docs/results/closed_form
+    python -m experiments.closed_form_compare --workdir=docs/results --name=closed_form
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from altlearn import data as data_lib
-from altlearn.train import Experiment, configure_jax
+from altlearn import driver, plotting, report, tune
+from altlearn.plotting import plt
+from altlearn.train import configure_jax
 from experiments.configs.closed_form import get_config
 
 BASELINES = ("gd", "adam_full", "sgd", "adam")
 DATASETS = ("diabetes", "breast_cancer", "wine", "digits", "mnist1d")
 
 
-def _config(method: str, data: str, width: int, lr: float = 1e-2, steps: int | None = None):
-    config = get_config(f"method={method},data={data},width={width},lr={lr}")
-    if steps is not None:
-        config.steps = steps
+def _config(method: str, data: str, width: int, steps: int, records: int):
+    config = get_config(f"method={method},data={data},width={width}")
+    config.steps = steps
+    config.eval_every = max(1, steps // records)
     return config
 
 
-def run_closed_form(dataset, width: int, seeds: int, alternations: int) -> dict:
-    """Per seed: training loss after each alternation and the cumulative wall time."""
-    config = _config("closed_form", dataset.name, width, steps=alternations)
-    experiment = Experiment(config, dataset)
-    t = time.perf_counter()
-    step = (
-        jax.jit(lambda s: experiment.train_steps(s, 1))
-        .lower(experiment.init(jax.random.PRNGKey(0)))
-        .compile()
-    )
-    compile_time = time.perf_counter() - t
-    evaluate = jax.jit(experiment.evaluate)
-    runs = []
-    for seed in range(seeds):
-        state = jax.jit(experiment.init)(jax.random.PRNGKey(seed))
-        first = float(evaluate(state)["train_loss"])
-        times, losses, accepted, lengths = [0.0], [first], [], []
-        for _ in range(alternations):
-            t = time.perf_counter()
-            state, metrics = step(state)
-            jax.block_until_ready(state)
-            times.append(times[-1] + time.perf_counter() - t)
-            losses.append(float(metrics["loss_after"][0]))
-            accepted.append(float(metrics["accepted"][0]))
-            lengths.append(float(metrics["step_length"][0]))
-        final = {k: float(v) for k, v in evaluate(state).items()}
-        runs.append(
-            {
-                "time_s": times,
-                "train_loss": losses,
-                "accepted": accepted,
-                "step_length": lengths,
-                "final": final,
-            }
-        )
-        logging.info(
-            "%s closed_form seed %d: train loss %.4g after %.2f s",
-            dataset.name,
-            seed,
-            losses[-1],
-            times[-1],
-        )
-    return {
-        "runs": runs,
-        "compile_time_s": compile_time,
-        "dtype": _solve_dtype(),
-    }
-
-
-def _solve_dtype() -> str:
-    from altlearn.rules.closed_form import solve_dtype
-
-    return jnp.dtype(solve_dtype("auto")).name
-
-
-def _time_per_step(experiment, lr: float, steps: int) -> tuple[float, float]:
-    """(steady-state seconds per step of ONE run at ``lr``, compile seconds)."""
-    single = experiment.init(jax.random.PRNGKey(0), {"optimizer.learning_rate": lr})
-    t = time.perf_counter()
-    timed = jax.jit(lambda s: experiment.train_steps(s, steps)[0]).lower(single).compile()
-    compile_time = time.perf_counter() - t
-    single = jax.block_until_ready(timed(single))
-    repeats = 3
-    t = time.perf_counter()
-    for _ in range(repeats):
-        single = timed(single)
-    jax.block_until_ready(single)
-    return (time.perf_counter() - t) / (repeats * steps), compile_time
-
-
-def run_baseline(
-    method, dataset, width, seeds, steps, lrs, records, min_seconds=0.0, max_steps=400_000
-) -> dict:
-    """The lr grid x seeds in one vmapped program; curves of the best lr; its unbatched timing.
-
-    A baseline runs ``steps`` steps, or more where that takes less than ``min_seconds`` of one
-    run's time (so it gets at least closed_form's wall time), up to ``max_steps``.
-    """
-    config = _config(method, dataset.name, width, steps=steps)
-    experiment = Experiment(config, dataset)
-    if min_seconds > 0:
-        probe, _ = _time_per_step(experiment, lrs[0], 200)
-        steps = min(max(steps, int(np.ceil(min_seconds / probe))), max_steps)
-        steps = -(-steps // records) * records
-        config = _config(method, dataset.name, width, steps=steps)
-        experiment = Experiment(config, dataset)
-    every = max(1, steps // records)
-    grid_lrs = jnp.repeat(jnp.asarray(lrs, jnp.float32), seeds)
-    keys = jnp.tile(jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds)), (len(lrs), 1))
-    init = jax.jit(jax.vmap(lambda k, lr: experiment.init(k, {"optimizer.learning_rate": lr})))
-    state = init(keys, grid_lrs)
-    chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, every)[0]), donate_argnums=0)
-    train_loss = jax.jit(jax.vmap(lambda s: experiment.evaluate_split(s.variables, "train")))
-    curves = [np.asarray(train_loss(state)["loss"])]
-    for _ in range(steps // every):
-        state = chunk(state)
-        curves.append(np.asarray(train_loss(state)["loss"]))
-    curves = np.stack(curves, axis=1).reshape(len(lrs), seeds, -1)  # [lr, seed, record]
-    final = np.where(np.isfinite(curves[:, :, -1]), curves[:, :, -1], np.inf).mean(axis=1)
-    best = int(np.argmin(final))
-    evaluation = jax.jit(jax.vmap(experiment.evaluate))(state)
-    best_eval = {
-        k: np.asarray(v).reshape(len(lrs), seeds)[best].tolist() for k, v in evaluation.items()
-    }
-    # Steady-state time per step of ONE run at the chosen rate (compile reported apart).
-    per_step, compile_time = _time_per_step(experiment, lrs[best], min(every, 2000))
-    steps_axis = np.arange(curves.shape[-1]) * every
-    logging.info(
-        "%s %s: lr %g, final train loss %.4g", dataset.name, method, lrs[best], final[best]
-    )
-    return {
-        "lrs": list(lrs),
-        "final_train_loss_by_lr": final.tolist(),
-        "best_lr": lrs[best],
-        "steps": steps_axis.tolist(),
-        "time_s": (steps_axis * per_step).tolist(),
-        "train_loss": curves[best].tolist(),  # [seed, record]
-        "final": best_eval,
+def train_method(config, dataset, seeds: int, per_step: float | None = None) -> dict:
+    """The seeds through the driver; the training-loss curves on a wall-time axis (``per_step``:
+    one run's steady-state seconds per step, measured here if not given)."""
+    runs = driver.run(config, seeds=range(seeds), dataset=dataset)
+    per_step = per_step or driver.step_seconds(config, [0], dataset=dataset)
+    out = {
+        "steps": runs.steps,
+        "time_s": (np.asarray(runs.steps) * per_step).tolist(),
+        "train_loss": runs.curves["train_loss"].tolist(),  # [seed, record]
+        "final": {k: v[:, -1].tolist() for k, v in runs.curves.items() if k != "step"},
         "time_per_step_s": per_step,
-        "compile_time_s": compile_time,
+        "compile_time_s": runs.compile_s,
     }
+    for name in ("accepted", "step_length"):  # closed_form's per-alternation figures
+        if f"rule/{name}" in runs.curves:
+            out[name] = runs.curves[f"rule/{name}"][:, 1:].tolist()
+    return out
+
+
+def run_baseline(method, dataset, width, seeds, steps, lrs, records, min_seconds, max_steps):
+    """The learning rate tuned on the tuning seeds, then the reported seeds at it, for at least
+    ``min_seconds`` of one run's time (closed_form's) up to ``max_steps``."""
+    config = _config(method, dataset.name, width, steps, records)
+    grid = f"optimizer.learning_rate=[{','.join(lrs)}]"
+    tuned = tune.tune(config, [grid], seeds, by="train_loss", dataset=dataset)
+    tune.apply(config, tuned.chosen)
+    per_step = driver.step_seconds(config, [0], dataset=dataset)
+    if min_seconds > 0:
+        steps = min(max(steps, int(np.ceil(min_seconds / per_step))), max_steps)
+        config = _config(method, dataset.name, width, -(-steps // records) * records, records)
+        tune.apply(config, tuned.chosen)
+    lr = tuned.chosen["optimizer.learning_rate"]
+    out = train_method(config, dataset, seeds, per_step)
+    return {**out, "best_lr": lr, "tuning": tuned.record()}
+
+
+def _baselines(r: dict) -> list[str]:
+    return [m for m in BASELINES if m in r]
 
 
 def _reach_time(times, losses, target) -> float | None:
@@ -172,66 +88,17 @@ def _reach_time(times, losses, target) -> float | None:
     return float(np.asarray(times)[hit[0]]) if len(hit) else None
 
 
-def summarise(results: dict) -> str:
-    lines = []
-    for data, r in results.items():
-        cf = r["closed_form"]
-        classification = "test_accuracy" in cf["runs"][0]["final"]
-        metric = "test_accuracy" if classification else "test_loss"
-        lines += [
-            f"### {data}",
-            "",
-            f"| method | lr (grid best) | final train loss (mean ± std) | {metric} | "
-            "steps | time / step | total time (s) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        losses = np.array([run["train_loss"][-1] for run in cf["runs"]])
-        tests = np.array([run["final"][metric] for run in cf["runs"]])
-        total = np.mean([run["time_s"][-1] for run in cf["runs"]])
-        steps = len(cf["runs"][0]["train_loss"]) - 1
-        lines.append(
-            f"| closed_form ({cf['dtype']}) | - | {losses.mean():.4g} ± {losses.std():.2g} | "
-            f"{tests.mean():.3f} ± {tests.std():.3f} | {steps} | {total / steps * 1e3:.1f} ms | "
-            f"{total:.2f} |"
-        )
-        for method in BASELINES:
-            b = r[method]
-            loss = np.array(b["train_loss"])[:, -1]
-            test = np.array(b["final"][metric])
-            lines.append(
-                f"| {method} | {b['best_lr']:g} | {loss.mean():.4g} ± {loss.std():.2g} | "
-                f"{test.mean():.3f} ± {test.std():.3f} | {b['steps'][-1]} | "
-                f"{b['time_per_step_s'] * 1e3:.3f} ms | "
-                f"{b['time_s'][-1]:.2f} |"
-            )
-        lines.append("")
-        lines.append(reach_sentence(data, r))
-        lines.append("")
-        grid = "; ".join(
-            f"{m}: "
-            + ", ".join(
-                f"{lr:g} -> {loss:.3g}"
-                for lr, loss in zip(r[m]["lrs"], r[m]["final_train_loss_by_lr"], strict=True)
-            )
-            for m in BASELINES
-        )
-        lines += [
-            f"Learning-rate grids (lr -> final train loss, mean of seeds; inf: diverged): {grid}.",
-            "",
-        ]
-    return "\n".join(lines)
-
-
 def reach_analysis(r: dict) -> dict:
     """Per seed: Adam's best training loss (either batch mode), when closed_form reaches it,
     and when Adam reached it."""
-    cf = r["closed_form"]
-    out = []
-    for seed, run in enumerate(cf["runs"]):
+    cf, out = r["closed_form"], []
+    if not any(m in r for m in ("adam_full", "adam")):
+        return {"per_seed": out}
+    for seed, loss in enumerate(cf["train_loss"]):
         best_method, target = None, np.inf
-        for method in ("adam_full", "adam"):
-            loss = np.array(r[method]["train_loss"][seed])
-            finite = loss[np.isfinite(loss)]
+        for method in [m for m in ("adam_full", "adam") if m in r]:
+            curve = np.asarray(r[method]["train_loss"][seed])
+            finite = curve[np.isfinite(curve)]
             if finite.size and finite.min() < target:
                 best_method, target = method, float(finite.min())
         adam = r[best_method]
@@ -240,15 +107,17 @@ def reach_analysis(r: dict) -> dict:
                 "adam_method": best_method,
                 "adam_best_loss": target,
                 "adam_time_s": _reach_time(adam["time_s"], adam["train_loss"][seed], target),
-                "closed_form_time_s": _reach_time(run["time_s"], run["train_loss"], target),
-                "closed_form_final_loss": run["train_loss"][-1],
+                "closed_form_time_s": _reach_time(cf["time_s"], loss, target),
+                "closed_form_final_loss": loss[-1],
             }
         )
     return {"per_seed": out}
 
 
-def reach_sentence(data: str, r: dict) -> str:
+def reach_sentence(r: dict) -> str:
     per_seed = r["reach"]["per_seed"]
+    if not per_seed:
+        return "No Adam baseline ran (--methods)."
     reached = [s["closed_form_time_s"] for s in per_seed if s["closed_form_time_s"] is not None]
     adam = ", ".join(f"{s['adam_best_loss']:.4g} ({s['adam_method']})" for s in per_seed)
     if len(reached) == len(per_seed):
@@ -264,78 +133,106 @@ def reach_sentence(data: str, r: dict) -> str:
     )
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
+def summarise(results: dict) -> str:
+    lines = []
+    for data, r in results.items():
+        metric = "test_accuracy" if "test_accuracy" in r["closed_form"]["final"] else "test_loss"
+        lines += [
+            f"### {data}",
+            "",
+            "Mean ± sample std [95% t interval] over seeds.",
+            "",
+            f"| method | lr (tuned) | final train loss | {metric} | steps | time / step | "
+            "total time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method in ("closed_form", *_baselines(r)):
+            b = r[method]
+            name = f"closed_form ({r['dtype']})" if method == "closed_form" else method
+            lr = f"{b['best_lr']:g}" if "best_lr" in b else "-"
+            lines.append(
+                f"| {name} | {lr} | "
+                f"{report.cell(report.stats(np.asarray(b['train_loss'])[:, -1]), digits=4)} | "
+                f"{report.cell(report.stats(b['final'][metric]))} | {b['steps'][-1]} | "
+                f"{b['time_per_step_s'] * 1e3:.3f} ms | {b['time_s'][-1]:.2f} |"
+            )
+        grid = "; ".join(
+            f"{m}: "
+            + ", ".join(
+                f"{p['optimizer.learning_rate']:g} -> {s:.3g}"
+                for p, s in zip(r[m]["tuning"]["grid"], r[m]["tuning"]["scores"], strict=True)
+            )
+            for m in _baselines(r)
+        )
+        lines += [
+            "",
+            reach_sentence(r),
+            "",
+            "Learning-rate grids (lr -> mean final train loss on the tuning seeds; inf: "
+            f"diverged): {grid}.",
+            "",
+        ]
+    return "\n".join(lines)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(results: dict, path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (data, r) in zip(axes[0], results.items()):
-        cf = r["closed_form"]["runs"]
-        times = np.mean([run["time_s"] for run in cf], axis=0)
-        ax.plot(
-            times[1:],
-            np.mean([run["train_loss"] for run in cf], axis=0)[1:],
-            "o-",
-            ms=3,
-            label="closed_form",
-            color="black",
-        )
-        for method in BASELINES:
+        for method in ("closed_form", *_baselines(r)):
             b = r[method]
-            t, loss = np.array(b["time_s"]), np.nanmean(np.array(b["train_loss"]), axis=0)
-            ax.plot(t[1:], loss[1:], label=f"{method} (lr {b['best_lr']:g})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(data)
+            loss = np.nanmean(np.asarray(b["train_loss"], np.float64), axis=0)
+            label = method if method == "closed_form" else f"{method} (lr {b['best_lr']:g})"
+            style = dict(color="black", marker="o", ms=3) if method == "closed_form" else {}
+            ax.plot(b["time_s"][1:], loss[1:], label=label, **style)
+        ax.set(xscale="log", yscale="log", title=data, xlabel="wall time (s, compile excluded)")
         ax.legend(fontsize=6)
-        ax.set_xlabel("wall time (s, compile excluded)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training loss (mean of 3 seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0][0].set_ylabel("training loss (mean over seeds)")
+    plotting.save(fig, path, 120)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    configure_jax(_config("closed_form", "diabetes", _WIDTH.value))
+    provenance = report.Provenance()
     results = {}
-    for data in _DATA.value:
-        dataset = data_lib.load_dataset(data, seed=0, validation_fraction=0.1)
-        r = {"closed_form": run_closed_form(dataset, _WIDTH.value, _SEEDS.value, _ALTS.value)}
-        for method in BASELINES:
-            lrs = [
-                float(x)
-                for x in (_SGD_LRS.value if "sgd" in method or method == "gd" else _ADAM_LRS.value)
-            ]
-            cf_seconds = max(run["time_s"][-1] for run in r["closed_form"]["runs"])
-            r[method] = run_baseline(
-                method,
-                dataset,
-                _WIDTH.value,
-                _SEEDS.value,
-                _STEPS.value,
-                lrs,
-                _RECORDS.value,
-                min_seconds=cf_seconds,
-                max_steps=_MAX_STEPS.value,
+    try:
+        report.prepare_workdir(_WORKDIR.value)
+        configure_jax(_config("closed_form", "diabetes", _WIDTH.value, 1, 1))
+        unknown = sorted(set(_METHODS.value) - set(BASELINES))
+        if unknown:
+            raise ValueError(
+                f"--methods: unknown {unknown}; valid choices: {', '.join(BASELINES)}."
             )
-        r["reach"] = reach_analysis(r)
-        results[data] = r
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        for data in _DATA.value:  # every dataset and grid checked before anything trains
+            for method in _METHODS.value:
+                lrs = _SGD_LRS.value if method in ("gd", "sgd") else _ADAM_LRS.value
+                config = _config(method, data, _WIDTH.value, _STEPS.value, _RECORDS.value)
+                tune.check_specs([config], [f"optimizer.learning_rate=[{','.join(lrs)}]"])
+        for data in _DATA.value:
+            dataset = data_lib.load_dataset(data, seed=0, validation_fraction=0.1)
+            cf_config = _config("closed_form", data, _WIDTH.value, _ALTS.value, _ALTS.value)
+            r = {"closed_form": train_method(cf_config, dataset, _SEEDS.value)}
+            r["dtype"] = "float64" if configure_jax(cf_config) else "float32"
+            cf_seconds = r["closed_form"]["time_s"][-1]
+            for method in _METHODS.value:
+                lrs = _SGD_LRS.value if method in ("gd", "sgd") else _ADAM_LRS.value
+                r[method] = run_baseline(
+                    method, dataset, _WIDTH.value, _SEEDS.value, _STEPS.value,
+                    lrs, _RECORDS.value, cf_seconds, _MAX_STEPS.value,
+                )  # fmt: skip
+            r["reach"] = reach_analysis(r)
+            results[data] = r
+    except (ValueError, data_lib.MissingDataError) as e:
+        sys.exit(f"error: {e}")
     text = summarise(results)
-    out.with_suffix(".md").write_text(text + "\n")
-    plot(results, out.with_suffix(".png"))
+    report.write(_WORKDIR.value, _NAME.value, results, text, provenance, lambda p: plot(results, p))
     print(text)
 
 
 if __name__ == "__main__":
     _DATA = flags.DEFINE_list("data", list(DATASETS), "Datasets.")
-    _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds (every method gets the same inits).")
+    _METHODS = flags.DEFINE_list("methods", list(BASELINES), "Baselines against closed_form.")
+    _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds (every method gets the same inits).")
     _WIDTH = flags.DEFINE_integer("width", 32, "Hidden width, the same for every method.")
     _ALTS = flags.DEFINE_integer("alternations", 30, "closed_form alternations.")
     _STEPS = flags.DEFINE_integer("steps", 5000, "Steps of every baseline.")
@@ -347,5 +244,6 @@ if __name__ == "__main__":
     _ADAM_LRS = flags.DEFINE_list(
         "adam_lrs", ["0.0001", "0.0003", "0.001", "0.003", "0.01"], "Adam grid."
     )
-    _OUT = flags.DEFINE_string("out", "runs/closed_form", "Output path prefix (.json .md .png).")
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/closed_form", "Where the outputs go.")
+    _NAME = flags.DEFINE_string("name", "closed_form", "Output file name (NAME.json, .md, .png).")
     app.run(main)

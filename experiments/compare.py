@@ -1,254 +1,131 @@
 """Compares methods over seeds: every (dataset, method) trains all its seeds as ONE vmapped
-program for exactly the steps asked, evaluated about 20 times (``--eval_every`` to choose);
-writes a JSON file, a markdown table and a plot.
+program (``altlearn.driver``) for exactly the steps asked, evaluated about 20 times; writes
+``NAME.json``, ``NAME.md`` and ``NAME.png`` to ``--workdir`` (``altlearn.report``).
 
     python -m experiments.compare --config=experiments/configs/np_family.py \\
-        --methods=bp,dbp,np,anp,inp,dnp,danp,dinp,fg,wp --data=digits,mnist1d --seeds=3 \\
-        --out=docs/results/np_family
+        --methods=bp,dbp,np,anp,inp,dnp,danp,dinp,fg,wp --data=digits,mnist1d --seeds=5 \\
+        --workdir=runs/np_family
 
-``--config`` names a config file whose ``get_config`` takes ``method=M,data=D`` (plus
-``--variant_extra`` appended, e.g. ``mode=jvp``). Seeds vary the initialisation, the batches and
-the rule's noise; the data split is fixed by the config's ``seed``. Equal steps and batch for
-every method of a dataset come from the config file, unless a budget flag gives every method the
-same number of forward passes (``--budget_forward_passes``) or the same training time on this
-machine (``--budget_seconds``) instead.
+A method is a variant of the config file (``get_config("method=M,data=D")``, plus
+``--variant_extra``) or any registered rule by name, with its default options on the config
+file's model, data and schedule (``--methods=bp,node_perturbation``); ``--set=KEY=VALUE``
+(repeatable) overrides a config key for every method that has it. Seed s gives every method
+the same initialisation and batches, so the table reports each method's paired difference to
+the FIRST method beside its mean, sample std and 95% interval. Equal steps for every method
+come from the config (or ``--steps``) unless a budget gives every method the same number of
+forward passes (``--budget_forward_passes``) or the same training time on this machine
+(``--budget_seconds``) instead.
 
 ``--tune=KEY=SPEC`` (repeatable; SPEC as ``experiments.sweep``'s) tunes every method the same
-way: each method's grid of the keys its config has (a learning rate for all, sigma for node
-perturbation, ...) trains as one vmapped program on TUNING seeds (1000, 1001, ...); the point
-with the lowest mean final validation loss is chosen, then trained on the reported seeds (0, 1,
-...) at the method's steps or budget and reported on test. ``--tune_seeds=N``: N tuning seeds
-per point (default: as many as ``--seeds``); ``--tune_by=val_accuracy`` chooses by the final
-validation accuracy instead of the loss. Keys a rule does not read (a swarm's optimizer)
-are not tuned for it:
-
-    python -m experiments.compare --config=experiments/configs/np_family.py \
-        --methods=bp,np,danp --data=digits --tune='optimizer.learning_rate=logspace(-4,-2,5)' \
-        --tune='rule.sigma=[1e-3,1e-2,1e-1]' --out=runs/tuned
+way (``altlearn.tune``): each method's grid of the keys its config has, on tuning seeds 1000..
+(``--tune_seeds`` of them), chosen by the mean final ``--tune_by`` (val_loss, val_accuracy or
+train_loss), then trained on the reported seeds 0.. and reported on test.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from altlearn import config as config_lib
-from altlearn import rules
-from altlearn import sweep as sweep_lib
-from altlearn.plotting import plot_comparison
-from altlearn.train import Experiment, configure_jax, make_train
-
-
-def load_get_config(path: str):
-    return config_lib.load_config_module(path).get_config
-
-
-def forward_passes(experiment: Experiment) -> float:
-    """Forward-pass equivalents one step of the experiment's rule spends (its
-    ``RuleSpec.cost``; a backward or jvp pass counts 2)."""
-    config = experiment.config
-    options = {k: v for k, v in config.rule.items() if k != "name"}
-    return rules.step_cost(
-        config.rule.name,
-        experiment.model,
-        options,
-        experiment.batch_size,
-        experiment.split_sizes,
-    )
-
-
-PROBE_SECONDS = 0.5
-
-
-def budget_steps(config, seeds: int, forward_passes_budget: int, seconds_budget: float) -> int:
-    """Steps that spend the given budget: forward passes (equal for every method), or wall
-    seconds of this machine (measured on a short compiled probe of the real vmapped run)."""
-    experiment = Experiment(config)
-    if forward_passes_budget:
-        return max(1, int(forward_passes_budget // forward_passes(experiment)))
-    keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
-    state = jax.jit(jax.vmap(experiment.init))(keys)
-    probe, per_step = 20, None
-    # Lengthen the probe until it runs >= PROBE_SECONDS: a 20-step probe of a 0.1 ms step is
-    # mostly call overhead and gave the fastest methods half their budget.
-    for _ in range(3):
-        chunk = jax.jit(jax.vmap(lambda s, n=probe: experiment.train_steps(s, n))).lower(state)
-        chunk = chunk.compile()
-        jax.block_until_ready(chunk(state))
-        t = time.perf_counter()
-        jax.block_until_ready(chunk(state))
-        elapsed = time.perf_counter() - t
-        per_step = elapsed / probe
-        if elapsed >= PROBE_SECONDS:
-            break
-        probe = int(probe * min(PROBE_SECONDS / max(elapsed, 1e-6) * 1.2, 100))
-    return max(1, int(seconds_budget / per_step))
-
+from altlearn import driver, plotting, report, rules, tune
+from altlearn.train import Experiment, configure_jax
 
 EVALUATIONS = 20  # per run, when --eval_every is not given: enough points for a curve
 
 
-def set_steps(
-    config,
-    seeds: int,
-    steps: int | None = None,
-    eval_every: int | None = None,
-    budget_forward_passes: int = 0,
-    budget_seconds: float = 0.0,
-) -> None:
-    """Sets how long ``config`` trains: exactly ``steps`` (default: the config's), or the steps
-    a budget gives (``budget_steps``), evaluated every ``eval_every`` steps (default: about
-    ``EVALUATIONS`` times per run; ``run_one`` makes the last interval shorter if need be)."""
-    if budget_forward_passes or budget_seconds:
-        steps = budget_steps(config, seeds, budget_forward_passes, budget_seconds)
+def method_configs(config_file: str, methods: list[str], data: str, extra: str, sets: list[str]):
+    """``{method: config}``: the config file's variants, or registered rules by name."""
+    module = config_lib.load_config_module(config_file)
+    variants = getattr(module, "METHODS", ())
+    suffix = f",{extra}" if extra else ""
+    configs = {}
+    for method in methods:
+        if method in variants:
+            configs[method] = module.get_config(f"method={method},data={data}{suffix}")
+        elif method in rules.RULES:
+            configs[method] = config_lib.switch(module.get_config(f"data={data}{suffix}"), method)
+        else:
+            raise ValueError(
+                f"--methods: unknown method {method!r}; valid choices: the variants of "
+                f"{config_file} ({', '.join(variants) or 'none'}) or a rule "
+                f"({', '.join(rules.RULES)})."
+            )
+    config_lib.apply_sets(list(configs.values()), sets)
+    return configs
+
+
+def set_steps(config, seeds: int, steps=None, eval_every=None, passes=0, seconds=0.0) -> None:
+    """How long ``config`` trains: ``steps`` (default the config's) or the steps a budget gives
+    (``driver.budget_steps``), evaluated every ``eval_every`` (default ``EVALUATIONS`` times)."""
+    if passes or seconds:
+        steps = driver.budget_steps(config, range(seeds), passes, seconds)
     config.steps = int(steps or config.steps)
     config.eval_every = int(eval_every or -(-config.steps // EVALUATIONS))
 
 
-def run_one(config, seeds: int) -> dict:
-    """Trains ``seeds`` seeds of ``config`` in one vmapped program for exactly ``config.steps``
-    steps, evaluating every ``config.eval_every`` steps and at the end (a last shorter chunk
-    when ``eval_every`` does not divide ``steps``); returns curves and figures."""
-    experiment = Experiment(config)
-    keys = jax.vmap(jax.random.PRNGKey)(np.arange(seeds))
-    state = jax.jit(jax.vmap(experiment.init))(keys)
-    steps, every = int(config.steps), int(config.eval_every)
-    lengths = [every] * (steps // every) + ([steps % every] if steps % every else [])
-    evaluate = jax.jit(jax.vmap(experiment.evaluate))
-    t = time.perf_counter()
-    chunks = {
-        n: jax.jit(jax.vmap(lambda s, n=n: experiment.train_steps(s, n)), donate_argnums=0)
-        .lower(state)
-        .compile()
-        for n in sorted(set(lengths))
-    }
-    compile_time = time.perf_counter() - t
-    curves = [{"step": 0, **{k: np.asarray(v).tolist() for k, v in evaluate(state).items()}}]
-    train_time = 0.0
-    for n in lengths:
-        t = time.perf_counter()
-        state, metrics = chunks[n](state)
-        jax.block_until_ready(metrics)
-        train_time += time.perf_counter() - t
-        record = {k: np.asarray(v).tolist() for k, v in evaluate(state).items()}
-        curves.append({"step": int(state.step[0]), **record})
-        logging.info(
-            "%s %s step %d test_accuracy %s",
-            config.data.name,
-            config.rule.name,
-            curves[-1]["step"],
-            np.round(record.get("test_accuracy", record["test_loss"]), 3),
-        )
-    final = curves[-1]
+def run_method(config, seeds: int, tune_specs, tune_seeds: int, tune_by: str) -> dict:
+    """Tunes (if asked), trains the seeds through the driver, and times a step."""
+    tuned = tune.tune(config, tune_specs, tune_seeds, tune_by) if tune_specs else None
+    if tuned is not None:
+        tune.apply(config, tuned.chosen)
+    runs = driver.run(config, seeds=range(seeds))
+    curves = [
+        {"step": step, **{k: v[:, i].tolist() for k, v in runs.curves.items() if k != "step"}}
+        for i, step in enumerate(runs.steps)
+    ]
     return {
         "curves": curves,
-        "final": final,
-        "compile_time_s": compile_time,
-        "time_per_step_s": train_time / max(steps, 1),
-        "train_time_s": train_time,
-        "steps": steps,
-        "forward_passes": forward_passes(experiment),
-        "config": json.loads(config.to_json()),
+        "final": curves[-1],
+        "steps": int(config.steps),
+        "forward_passes": runs.experiment.step_cost,
+        "time_per_step_s": driver.step_seconds(config, range(seeds)),
+        "compile_time_s": runs.compile_s,
+        "run_time_s": runs.run_s,
+        "tuned": tuned.record() if tuned else None,
+        "config": config.to_dict(),
     }
 
 
-TUNE_SEEDS_FROM = 1000  # tuning seeds 1000, 1001, ...: never the reported seeds 0, 1, ...
-
-
-def tune_keys(configs: dict[str, Any], specs: list[str]) -> None:
-    """Refuses a ``--tune`` key that no method's config has as a sweepable float, naming them."""
-    for spec in specs:
-        key = spec.partition("=")[0].strip()
-        if not any(key in config_lib.hparams(c) for c in configs.values()):
-            known = sorted({k for c in configs.values() for k in config_lib.hparams(c)})
-            raise ValueError(
-                f"--tune {spec}: {key!r} is no method's sweepable float; they are: "
-                f"{', '.join(known)}."
-            )
-
-
-TUNE_BY = ("val_loss", "val_accuracy")  # what --tune_by may choose by
-
-
-def check_tune_by(by: str) -> None:
-    if by not in TUNE_BY:
-        raise ValueError(f"--tune_by={by}: valid choices: {', '.join(TUNE_BY)}.")
-
-
-def tune(config, specs: list[str], seeds: int, by: str = "val_loss") -> dict[str, Any] | None:
-    """The point of the ``--tune`` grid (the keys ``config`` has) with the best mean final
-    validation figure ``by`` (the lowest loss or the highest accuracy) over ``seeds`` TUNING
-    seeds (``TUNE_SEEDS_FROM`` on), all points and seeds as one vmapped program; ``config`` is
-    set to it. None if no key applies."""
-    check_tune_by(by)
-    mine = [s for s in specs if s.partition("=")[0].strip() in config_lib.hparams(config)]
-    if not mine:
-        return None
-    train = make_train(config)  # loads the data once: the check below and the grid use it
-    if by == "val_accuracy" and not train.experiment.task.is_classification:
-        raise ValueError("--tune_by=val_accuracy needs a classification dataset; use val_loss.")
-    axes = [sweep_lib.parse_axis(config, spec, seed=int(config.seed)) for spec in mine]
-    points = sweep_lib.points(axes)[1]
-    keys = jnp.stack(
-        [jax.random.PRNGKey(TUNE_SEEDS_FROM + s) for _ in points for s in range(seeds)]
-    )
-    hparams = {k: jnp.asarray([p[k] for p in points for _ in range(seeds)]) for k in points[0]}
-    t = time.perf_counter()
-    _, out = jax.jit(jax.vmap(train))(keys, hparams)
-    val = np.asarray(out["eval"][by], np.float64).reshape(len(points), seeds)
-    sign = 1.0 if by == "val_loss" else -1.0  # lower is better
-    score = np.where(np.isfinite(val), sign * val, np.inf).mean(axis=1)
-    best = int(np.argmin(score))
-    for key, value in points[best].items():
-        config_lib.set_key(config, key, value)
-    return {
-        "grid": points,
-        "by": by,
-        f"mean_{by}": (sign * score).tolist(),
-        "chosen": points[best],
-        "tuning_seeds": list(range(TUNE_SEEDS_FROM, TUNE_SEEDS_FROM + seeds)),
-        "seconds": time.perf_counter() - t,
-    }
-
-
-def _mean_std(values) -> str:
-    values = np.asarray(values)
-    return f"{values.mean():.3f} ± {values.std():.3f}"
-
-
-def table(results: dict, seeds: int) -> str:
+def table(results: dict) -> str:
     lines = []
     for data, methods in results.items():
-        bp_time = methods.get("bp", {}).get("time_per_step_s")
+        first_name, first = next(iter(methods.items()))
+        metric = "test_accuracy" if "test_accuracy" in first["final"] else "test_loss"
+        seeds = len(first["final"][metric])
         lines += [
             f"### {data}",
             "",
-            f"| method | test accuracy (mean ± std, {seeds} seeds) | best-seed | train loss | "
-            "grad cosine | forward passes / step | steps | time / step (vs bp) | train time |",
+            f"{metric}: mean ± sample std [95% t interval] over {seeds} seeds; the paired "
+            f"difference to {first_name} (same seeds: same initialisation and batches).",
+            "",
+            f"| method | {metric} | minus {first_name} | train loss | grad cosine | "
+            "forward passes / step | steps | time / step | run time |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in methods.items():
             f = r["final"]
             if r.get("tuned"):
-                chosen = ", ".join(
-                    f"{k.split('.')[-1]} {v:.3g}" for k, v in r["tuned"]["chosen"].items()
+                name += (
+                    " ("
+                    + ", ".join(
+                        f"{k.split('.')[-1]} {v:.3g}" for k, v in r["tuned"]["chosen"].items()
+                    )
+                    + ")"
                 )
-                name = f"{name} ({chosen})"
-            ratio = f" ({r['time_per_step_s'] / bp_time:.2f}x)" if bp_time else ""
-            cos = _mean_std(f["grad_cosine"]) if "grad_cosine" in f else "-"
+            diff = (
+                ""
+                if r is first
+                else report.cell(report.paired(f[metric], first["final"][metric]), sign=True)
+            )
+            ratio = r["time_per_step_s"] / first["time_per_step_s"]
+            cos = report.cell(report.stats(f["grad_cosine"])) if "grad_cosine" in f else "-"
             lines.append(
-                f"| {name} | {_mean_std(f['test_accuracy'])} | {max(f['test_accuracy']):.3f} | "
-                f"{_mean_std(f['train_loss'])} | {cos} | {r['forward_passes']:g} | "
-                f"{r['steps']} | {r['time_per_step_s'] * 1e3:.2f} ms{ratio} | "
-                f"{r['train_time_s']:.1f} s |"
+                f"| {name} | {report.cell(report.stats(f[metric]))} | {diff} | "
+                f"{report.cell(report.stats(f['train_loss']))} | {cos} | "
+                f"{r['forward_passes']:g} | {r['steps']} | {r['time_per_step_s'] * 1e3:.2f} ms "
+                f"({ratio:.2f}x) | {r['run_time_s']:.1f} s |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -256,50 +133,52 @@ def table(results: dict, seeds: int) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    provenance = report.Provenance()
     try:
-        get_config = load_get_config(_CONFIG.value)
+        report.prepare_workdir(_WORKDIR.value)
+        tune.check_by(_TUNE_BY.value)
+        plans = {
+            data: method_configs(_CONFIG.value, _METHODS.value, data, _EXTRA.value, _SET.value)
+            for data in _DATA.value
+        }
+        for configs in plans.values():  # each method built as its run will build it
+            for config in configs.values():
+                configure_jax(config)
+                Experiment(config)
+            tune.check_specs(list(configs.values()), _TUNE.value)
+        results: dict[str, dict] = {}
+        for data, configs in plans.items():
+            results[data] = {}
+            for method, config in configs.items():
+                configure_jax(config)  # 64-bit mode for rules that solve in float64
+                set_steps(
+                    config, _SEEDS.value, _STEPS.value, _EVAL_EVERY.value,
+                    _BUDGET_PASSES.value, _BUDGET_SECONDS.value,
+                )  # fmt: skip
+                results[data][method] = run_method(
+                    config, _SEEDS.value, _TUNE.value, _TUNE_SEEDS.value or _SEEDS.value,
+                    _TUNE_BY.value,
+                )  # fmt: skip
     except ValueError as e:
         sys.exit(f"error: {e}")
-    results: dict[str, dict] = {}
-    for data in _DATA.value:
-        results[data] = {}
-        configs = {}
-        for method in _METHODS.value:
-            variant = f"method={method},data={data}" + (f",{_EXTRA.value}" if _EXTRA.value else "")
-            configs[method] = get_config(variant)
-        try:
-            tune_keys(configs, _TUNE.value)
-            check_tune_by(_TUNE_BY.value)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        for method, config in configs.items():
-            configure_jax(config)  # 64-bit mode for rules that solve in float64 (closed_form)
-            set_steps(
-                config,
-                _SEEDS.value,
-                _STEPS.value,
-                _EVAL_EVERY.value,
-                _BUDGET_PASSES.value,
-                _BUDGET_SECONDS.value,
-            )
-            tune_seeds = _TUNE_SEEDS.value or _SEEDS.value
-            tuned = tune(config, _TUNE.value, tune_seeds, _TUNE_BY.value) if _TUNE.value else None
-            results[data][method] = {**run_one(config, _SEEDS.value), "tuned": tuned}
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    text = table(results, _SEEDS.value)
-    out.with_suffix(".md").write_text(text + "\n")
-    plot_comparison(results, out.with_suffix(".png"))
+    text = table(results)
+    paths = report.write(
+        _WORKDIR.value, _NAME.value, {"results": results}, text, provenance,
+        lambda path: plotting.plot_comparison(results, path),
+    )  # fmt: skip
     print(text)
+    print(f"Table, numbers and plot: {paths['md']}, {paths['json']}, {paths['png']}")
 
 
 if __name__ == "__main__":  # flags only for the binary: the module stays importable
     _CONFIG = flags.DEFINE_string("config", "experiments/configs/np_family.py", "Config file.")
-    _METHODS = flags.DEFINE_list("methods", ["bp", "danp"], "Methods (the config's method names).")
+    _METHODS = flags.DEFINE_list(
+        "methods", ["bp", "danp"], "The config file's method variants, or registered rules."
+    )
     _DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
     _EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")
-    _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (vmapped).")
+    _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE for every method that has KEY.")
+    _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 (vmapped).")
     _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps (trained exactly).")
     _EVAL_EVERY = flags.DEFINE_integer(
         "eval_every", None, f"Evaluate every N steps (default: {EVALUATIONS} times per run)."
@@ -311,16 +190,14 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
         "budget_seconds", 0.0, "Give every method this much training time (0: off)."
     )
     _TUNE = flags.DEFINE_multi_string(
-        "tune",
-        [],
-        "KEY=SPEC (as experiments.sweep's --sweep): each method's grid of the keys it has, chosen "
-        "by validation loss on tuning seeds, then reported on fresh seeds.",
+        "tune", [], "KEY=SPEC: each method's grid of the keys it has (altlearn.tune)."
     )
     _TUNE_SEEDS = flags.DEFINE_integer(
         "tune_seeds", 0, "Tuning seeds per grid point (1000, 1001, ...; 0: as many as --seeds)."
     )
     _TUNE_BY = flags.DEFINE_string(
-        "tune_by", "val_loss", f"What tuning chooses by: {' or '.join(TUNE_BY)} (final, mean)."
+        "tune_by", "val_loss", f"What tuning chooses by: {', '.join(tune.BY)} (final, mean)."
     )
-    _OUT = flags.DEFINE_string("out", "runs/compare", "Output path prefix (.json, .md, .png).")
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where the outputs go.")
+    _NAME = flags.DEFINE_string("name", "compare", "Output file name (NAME.json, .md, .png).")
     app.run(main)

@@ -1,11 +1,13 @@
 """Persistent neurons (paper 001) against plain training, restarts and SGDR at equal steps.
 
-    python -m experiments.persistent_study --study=toy --out=docs/results/persistent_toy
-    python -m experiments.persistent_study --study=kink --out=docs/results/persistent_kink
+    python -m experiments.persistent_study --study=toy --workdir=runs/p --name=persistent_toy
+    python -m experiments.persistent_study --study=kink --workdir=runs/p --name=persistent_kink
     python -m experiments.persistent_study --study=cnn --data=digits,mnist1d \\
-        --out=docs/results/persistent_cnn
+        --workdir=runs/p --name=persistent_cnn
 
-Every study writes ``OUT.json`` (every number), ``OUT.md`` (the tables) and ``OUT.png``.
+Every study trains through the engine (``altlearn.driver``: seeds and points vmapped in one
+program), tunes with ``altlearn.tune`` and writes ``NAME.json``, ``NAME.md`` and ``NAME.png``
+(``altlearn.report``).
 
 toy: a 2-D loss surface with a shallow basin near the start and a deeper one farther away;
     plain gradient descent from the start ends in the shallow one. Persistent iterations from
@@ -24,35 +26,31 @@ cnn: a LeNet-style CNN (5-wide convolutions of 6 and 16 channels, dense 120-84) 
     the end point the rule reports; restarts: one per restart; plain and SGDR: every T steps)
     and reported on test, over ``--seeds`` seeds.
 
-Fair choices: for kink and cnn, persistent's lambda and tau (and, for kink, the penalty) are
-chosen by validation loss on TUNING initialisations or seeds (the first ones), in one vmapped
-sweep, and every method is then reported on FRESH ones it was not chosen on.
+Fair choices: persistent's lambda and tau (and, for kink, the penalty) are chosen by validation
+loss on the tuning seeds (1000, 1001, ...: ``altlearn.tune``), and every method is then
+reported on the seeds 0, 1, ... none was chosen on.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
+import functools
+import sys
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import app, flags, logging
+from absl import app, flags
 
-from altlearn import losses, models, rules
-from altlearn.train import Experiment
+from altlearn import config as config_lib
+from altlearn import data as data_lib
+from altlearn import driver, models, plotting, report, tune
+from altlearn.plotting import plt
 from experiments.configs import persistent as persistent_configs
 
 PENALTIES = ("gaussian", "inverse", "deflation")
-STUDY_FLAGS = {
-    "toy": ("iterations", "steps"),
-    "kink": ("inits", "good_loss"),
-    "cnn": ("seeds", "data"),
-}
+FIGURES = ("train_loss", "val_loss", "test_loss", "test_accuracy")
 
 # ----------------------------------------------------------------------------------- toy
 
@@ -66,6 +64,11 @@ def toy_surface(theta: jax.Array) -> jax.Array:
 
 
 TOY_START = (0.6, 0.3)
+TOY_SETTINGS = {
+    "gaussian": dict(strength=0.5, width=0.5),
+    "inverse": dict(strength=0.02, power=2.0, epsilon=0.01),
+    "deflation": dict(strength=1.0, power=2.0, alpha=1.0),
+}
 
 
 class ToySurface(nn.Module):
@@ -80,51 +83,36 @@ class ToySurface(nn.Module):
 
 
 def toy_study(iterations: int, steps: int, learning_rate: float) -> dict[str, Any]:
+    zeros = np.zeros((4, 1), np.float32)
+    dataset = data_lib.Dataset("toy", "regression", 1, *([zeros] * 6))
     model = models.from_flax(ToySurface(), "toy_surface")
-    task = losses.make_task("regression", "squared_error")
-    x, y = jnp.zeros((4, 1)), jnp.zeros((4, 1))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    data = {"train": (x, y), "val": (x, y)}
     out: dict[str, Any] = {"start": list(TOY_START), "iterations": iterations, "steps": steps}
-    settings = {
-        "gaussian": dict(strength=0.5, width=0.5),
-        "inverse": dict(strength=0.02, power=2.0, epsilon=0.01),
-        "deflation": dict(strength=1.0, power=2.0, alpha=1.0),
-    }
-    for penalty, options in settings.items():
-        rule = rules.make_rule(
-            "persistent",
-            model,
-            task,
-            optax.sgd(learning_rate),
-            data,
-            num_iterations=iterations,
-            iteration_steps=steps,
-            penalty=penalty,
-            **options,
-        )
-
-        @jax.jit
-        def run(variables, rule=rule):
-            def body(carry, t):
-                v, s = carry
-                v, s, m = rule.step(jax.random.PRNGKey(0), v, s, (x, y))
-                return (v, s), (v["params"]["theta"], m["loss"])
-
-            state = rule.init(jax.random.PRNGKey(1), variables)
-            _, (path, loss) = jax.lax.scan(body, (variables, state), jnp.arange(iterations * steps))
-            return path, loss
-
-        path, _ = run(variables)
-        path = np.asarray(path).reshape(iterations, steps, 2)
-        ends = path[:, -1]
-        values = [float(toy_surface(jnp.asarray(e))) for e in ends]
+    every = max(1, steps // 100)
+    for penalty, options in TOY_SETTINGS.items():
+        config = config_lib.base_config("persistent", "mlp", "digits")
+        config.update_from_flattened_dict(
+            {"loss": "squared_error", "batch_size": 4, "steps": iterations * steps,
+             "optimizer.name": "sgd", "optimizer.learning_rate": learning_rate,
+             "rule.num_iterations": iterations, "rule.iteration_steps": steps,
+             "rule.penalty": penalty, **{f"rule.{k}": v for k, v in options.items()}}
+        )  # fmt: skip
+        runs = driver.run(
+            config, eval_at=range(0, iterations * steps + 1, every), dataset=dataset, model=model,
+            observe=lambda s: {"theta": s.variables["params"]["theta"]},
+        )  # fmt: skip
+        theta = runs.curves["theta"][0]  # [evaluations, 2]
+        ends = np.stack([theta[runs.steps.index((k + 1) * steps)] for k in range(iterations)])
         deep = [bool(np.linalg.norm(e + 1.2) < 0.5) for e in ends]
         out[penalty] = {
             "options": options,
-            "paths": path[:, :: max(1, steps // 100)].tolist(),
+            "paths": [
+                theta[
+                    [i for i, t in enumerate(runs.steps) if k * steps < t <= (k + 1) * steps]
+                ].tolist()
+                for k in range(iterations)
+            ],
             "end_points": ends.tolist(),
-            "end_values": values,
+            "end_values": [float(toy_surface(jnp.asarray(e))) for e in ends],
             "in_deep_basin": deep,
             "first_deep_iteration": deep.index(True) if any(deep) else None,
         }
@@ -142,19 +130,12 @@ def toy_table(result: dict[str, Any]) -> str:
     for penalty in PENALTIES:
         r = result[penalty]
         values = ", ".join(f"{v:.3f}" for v in r["end_values"])
-        first = r["first_deep_iteration"]
-        lines.append(
-            f"| {penalty} | {r['options']} | {values} | {'never' if first is None else first} |"
-        )
+        first = "never" if r["first_deep_iteration"] is None else r["first_deep_iteration"]
+        lines.append(f"| {penalty} | {r['options']} | {values} | {first} |")
     return "\n".join(lines)
 
 
-def toy_plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def toy_plot(result: dict[str, Any], path) -> None:
     grid = np.linspace(-2.5, 2.5, 201)
     gx, gy = np.meshgrid(grid, grid)
     f = jax.vmap(jax.vmap(lambda a, b: toy_surface(jnp.stack([a, b]))))(gx, gy)
@@ -168,326 +149,221 @@ def toy_plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(*result["start"], "*", color="red", ms=12)
         ax.set_title(penalty)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plotting.save(fig, path, 90)
 
 
 # ----------------------------------------------------------------------- kink and cnn
 
 
-def _vmapped_run(config, keys: jax.Array, hparams: dict | None, snapshots: int):
-    """Trains ``keys`` (x hparams) as one vmapped program in ``snapshots`` chunks; returns the
-    evaluation after each chunk, stacked [snapshots, members] per metric."""
-    experiment = Experiment(config)
-    steps = int(config.steps)
-    chunk_steps = steps // snapshots
-    init = jax.jit(jax.vmap(experiment.init))
-    state = init(keys, hparams) if hparams is not None else init(keys)
-    chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, chunk_steps)[0]))
-    evaluate = jax.jit(jax.vmap(experiment.evaluate))
-    out = []
-    for _ in range(snapshots):
-        state = chunk(state)
-        out.append({k: np.asarray(v) for k, v in evaluate(state).items()})
-    return {k: np.stack([o[k] for o in out]) for k in out[0]}
-
-
-def _choose(records: dict[str, np.ndarray], group: int) -> dict[str, np.ndarray]:
-    """Per member (or per group of ``group`` consecutive members, the restarts of one seed): the
-    snapshot with the lowest validation loss; its figures [members // group]."""
-    val = records["val_loss"]  # [snapshots, members]
-    snaps, members = val.shape
-    val = (
-        val.reshape(snaps, members // group, group).transpose(1, 0, 2).reshape(members // group, -1)
-    )
+def snapshots(runs: driver.Runs, group: int = 1) -> dict[str, np.ndarray]:
+    """Per seed (or per group of ``group`` consecutive seeds, the restarts of one seed): the
+    evaluation after step 0 with the lowest validation loss; its figures [seeds // group]."""
+    val = runs.curves["val_loss"][:, 1:]  # [members, snapshots]
+    val = val.reshape(val.shape[0] // group, -1)
     best = np.argmin(np.where(np.isfinite(val), val, np.inf), axis=1)
     out = {}
-    for key in ("train_loss", "val_loss", "test_loss", "test_accuracy"):
-        if key in records:
-            v = records[key].reshape(snaps, members // group, group).transpose(1, 0, 2)
-            v = v.reshape(members // group, -1)
+    for key in FIGURES:
+        if key in runs.curves:
+            v = runs.curves[key][:, 1:].reshape(val.shape)
             out[key] = v[np.arange(v.shape[0]), best]
     return out
 
 
-def _keys(first: int, count: int) -> jax.Array:
-    return jax.vmap(jax.random.PRNGKey)(jnp.arange(first, first + count))
-
-
-def compare_methods(
-    base, methods: dict[str, Any], tuned: dict[str, Any], k: int, inits: int, first: int
-):
-    """Each method on ``inits`` fresh initialisations (seeds first .. first + inits - 1)."""
+def compare_methods(methods: dict[str, Any], k: int, seeds: int) -> dict[str, Any]:
+    """Each method on the reported seeds 0 .. seeds - 1: ``methods[name] = (config, kind,
+    tuned point or None)``."""
     results = {}
-    for name, (config, kind) in methods.items():
-        t = time.perf_counter()
+    for name, (config, kind, point) in methods.items():
         if kind == "restarts":  # K fresh initialisations of T steps per seed
-            keys = jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), k))(
-                jnp.arange(first, first + inits)
-            ).reshape(inits * k, -1)
-            records = _vmapped_run(config, keys, None, 1)
-            chosen = _choose(records, k)
+            keys = np.concatenate(
+                [jax.random.split(jax.random.PRNGKey(s), k) for s in range(seeds)]
+            )
+            runs = driver.run(config, seeds=range(seeds * k), keys=keys, eval_at=())
+            chosen = snapshots(runs, k)
         else:
-            hp = None
-            if kind == "persistent":
-                hp = {h: jnp.full((inits,), v) for h, v in tuned.items()}
-            records = _vmapped_run(config, _keys(first, inits), hp, k)
+            t = int(config.steps) // k
+            runs = driver.run(config, [point or {}], range(seeds), eval_at=range(t, k * t, t))
             # persistent reports its own choice (the end point with the lowest val loss)
-            chosen = {key: v[-1] for key, v in records.items()} if kind == "persistent" else None
-            chosen = chosen or _choose(records, 1)
-        results[name] = {
-            key: np.asarray(v).tolist()
-            for key, v in chosen.items()
-            if key in ("train_loss", "val_loss", "test_loss", "test_accuracy")
-        }
-        results[name]["seconds"] = time.perf_counter() - t
-        logging.info("%s: %s", name, {k_: np.round(np.mean(v), 4) for k_, v in chosen.items()})
+            chosen = {key: runs.final(key)[0] for key in FIGURES if key in runs.curves}
+            chosen = chosen if kind == "persistent" else snapshots(runs)
+        results[name] = {key: np.asarray(v).tolist() for key, v in chosen.items()}
+        results[name]["seconds"] = runs.compile_s + runs.run_s
     return results
 
 
-def tune_persistent(config, grid: dict[str, list[float]], k: int, inits: int) -> dict[str, Any]:
-    """lambda x tau by validation loss on the tuning initialisations 0 .. inits - 1, one vmapped
-    program; returns the chosen point and every point's mean validation loss."""
-    names = list(grid)
-    mesh = np.array(np.meshgrid(*[grid[n] for n in names], indexing="ij")).reshape(len(names), -1)
-    points = mesh.shape[1]
-    keys = jnp.tile(_keys(0, inits), (points, 1))
-    hp = {
-        f"rule.{n}": jnp.repeat(jnp.asarray(mesh[i], jnp.float32), inits)
-        for i, n in enumerate(names)
-    }
-    records = _vmapped_run(config, keys, hp, k)
-    val = records["val_loss"][-1].reshape(points, inits)
-    score = np.mean(np.where(np.isfinite(val), val, 1e9), axis=1)
-    best = int(np.argmin(score))
-    return {
-        "grid": {n: mesh[i].tolist() for i, n in enumerate(names)},
-        "mean_val_loss": score.tolist(),
-        "chosen": {f"rule.{n}": float(mesh[i, best]) for i, n in enumerate(names)},
-    }
-
-
-def study_config(setting: str, method: str, **variant: str):
-    """The config of ``method`` in ``setting`` (experiments/configs/persistent.py)."""
-    items = {"setting": setting, "method": method, **variant}
+def _config(setting: str, method: str, steps: int = 0, **variant: Any):
+    """The config of ``method`` in ``setting`` (experiments/configs/persistent.py); ``steps``:
+    T, the steps per iteration (0: the config's)."""
+    items = {"setting": setting, "method": method, **variant, **({"steps": steps} if steps else {})}
     return persistent_configs.get_config(",".join(f"{k}={v}" for k, v in items.items()))
 
 
-def kink_study(inits: int, good_loss: float) -> dict[str, Any]:
+def kink_study(inits: int, good_loss: float, steps: int = 0) -> dict[str, Any]:
+    study_config = functools.partial(_config, steps=steps)
     persistent = study_config("kink", "persistent")
     k, steps = int(persistent.rule.num_iterations), int(persistent.rule.iteration_steps)
-    methods = {
-        "one long run": (study_config("kink", "plain"), "plain"),
-        "restarts": (study_config("kink", "restart"), "restarts"),
-    }
     tuning = {}
-    for penalty in PENALTIES:  # the penalty, lambda and tau, on the tuning initialisations
-        config = persistent.copy_and_resolve_references()
-        config.rule.penalty = penalty
-        grid = {"strength": [0.1, 1.0, 10.0], "width": [0.1, 0.3, 1.0]}
+    for penalty in PENALTIES:  # the penalty, lambda and tau, on the tuning seeds
+        config = study_config("kink", "persistent", penalty=penalty)
+        grid = ["rule.strength=[0.1,1.0,10.0]", "rule.width=[0.1,0.3,1.0]"]
         if penalty != "gaussian":
-            grid = {"strength": [0.01, 0.1, 1.0], "power": [1.0, 2.0]}
-        tuning[penalty] = tune_persistent(config, grid, k, inits)
-    penalty = min(tuning, key=lambda p: min(tuning[p]["mean_val_loss"]))
-    config = persistent.copy_and_resolve_references()
-    config.rule.penalty = penalty
+            grid = ["rule.strength=[0.01,0.1,1.0]", "rule.power=[1.0,2.0]"]
+        tuning[penalty] = tune.tune(config, grid, inits).record()
+    penalty = min(tuning, key=lambda p: min(tuning[p]["scores"]))
     chosen = tuning[penalty]["chosen"]
-    methods = {**methods, f"persistent ({penalty})": (config, "persistent")}
-    results = compare_methods(persistent, methods, chosen, k, inits, first=inits)
+    methods = {
+        "one long run": (study_config("kink", "plain"), "plain", None),
+        "restarts": (study_config("kink", "restart"), "restarts", None),
+        f"persistent ({penalty})": (
+            study_config("kink", "persistent", penalty=penalty),
+            "persistent",
+            chosen,
+        ),
+    }
+    results = compare_methods(methods, k, inits)
     for r in results.values():
         r["fraction_below_good_loss"] = float(np.mean(np.asarray(r["train_loss"]) < good_loss))
     return {
-        "iterations": k,
-        "iteration_steps": steps,
-        "inits": inits,
-        "good_loss": good_loss,
-        "tuning": tuning,
-        "chosen_penalty": penalty,
-        "chosen": chosen,
-        "results": results,
-    }
+        "iterations": k, "iteration_steps": steps, "inits": inits, "good_loss": good_loss,
+        "tuning": tuning, "chosen_penalty": penalty, "chosen": chosen, "results": results,
+    }  # fmt: skip
 
 
-def cnn_study(datasets: list[str], seeds: int) -> dict[str, Any]:
+def cnn_study(datasets: list[str], seeds: int, iteration_steps: int = 0) -> dict[str, Any]:
     k = persistent_configs.ITERATIONS
-    steps = {data: persistent_configs.STEPS[data] for data in datasets}
+    steps = {data: iteration_steps or persistent_configs.STEPS[data] for data in datasets}
     out = {"iterations": k, "iteration_steps": steps, "seeds": seeds, "results": {}}
+    grid = ["rule.strength=[0.1,1.0,10.0]", "rule.width=[0.03,0.3]"]
     for data in datasets:
         for scale in (1.0, 0.1, 10.0):
-            configs = {
-                method: study_config("cnn", method, data=data, scale=scale)
-                for method in persistent_configs.METHODS
-            }
-            persistent, partial = configs["persistent"], configs["partial"]
+            config = lambda m, d=data, s=scale: _config("cnn", m, steps[d], data=d, scale=s)
+            full, partial = (tune.tune(config(m), grid, seeds) for m in ("persistent", "partial"))
             methods = {
-                "plain": (configs["plain"], "plain"),
-                "restarts": (configs["restart"], "restarts"),
-                "SGDR": (configs["sgdr"], "plain"),
+                "plain": (config("plain"), "plain", None),
+                "restarts": (config("restart"), "restarts", None),
+                "SGDR": (config("sgdr"), "plain", None),
+                "persistent (full)": (config("persistent"), "persistent", full.chosen),
+                "persistent (partial)": (config("partial"), "persistent", partial.chosen),
             }
-            grid = {"strength": [0.1, 1.0, 10.0], "width": [0.03, 0.3]}
-            tuned_full = tune_persistent(persistent, grid, k, seeds)
-            tuned_partial = tune_persistent(partial, grid, k, seeds)
-            results = compare_methods(
-                persistent,
-                {**methods, "persistent (full)": (persistent, "persistent")},
-                tuned_full["chosen"],
-                k,
-                seeds,
-                first=seeds,
-            )
-            results.update(
-                compare_methods(
-                    partial,
-                    {"persistent (partial)": (partial, "persistent")},
-                    tuned_partial["chosen"],
-                    k,
-                    seeds,
-                    first=seeds,
-                )
-            )
+            tuned = {"persistent": full.record(), "partial": partial.record()}
             out["results"][f"{data}, init x{scale:g}"] = {
-                "tuning": {"full": tuned_full, "partial": tuned_partial},
-                "methods": results,
+                "tuning": {"full": tuned["persistent"], "partial": tuned["partial"]},
+                "methods": compare_methods(methods, k, seeds),
             }
     return out
-
-
-def _mean_std(values) -> str:
-    v = np.asarray(values, np.float64)
-    return f"{v.mean():.4f} ± {v.std():.4f}"
 
 
 def kink_table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['iterations']} x {result['iteration_steps']} full-batch Adam steps per method; "
-        f"{result['inits']} fresh initialisations (tuning on {result['inits']} others: penalty "
-        f"{result['chosen_penalty']}, {result['chosen']}).",
+        f"{result['inits']} initialisations (tuned on {result['inits']} others: penalty "
+        f"{result['chosen_penalty']}, {result['chosen']}); mean ± sample std [95% t interval].",
         "",
-        f"| method | train loss (mean ± std) | median | fraction below {result['good_loss']:g} "
-        "| test loss (mean) |",
+        f"| method | train loss | median | fraction below {result['good_loss']:g} | test loss |",
         "|---|---|---|---|---|",
     ]
     for name, r in result["results"].items():
         lines.append(
-            f"| {name} | {_mean_std(r['train_loss'])} | {np.median(r['train_loss']):.4f} | "
-            f"{r['fraction_below_good_loss']:.2f} | {np.mean(r['test_loss']):.4f} |"
+            f"| {name} | {report.cell(report.stats(r['train_loss']), digits=4)} | "
+            f"{np.median(r['train_loss']):.4f} | {r['fraction_below_good_loss']:.2f} | "
+            f"{report.cell(report.stats(r['test_loss']), digits=4)} |"
         )
     return "\n".join(lines)
 
 
-def kink_plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def kink_plot(result: dict[str, Any], path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     data = [np.log10(np.maximum(r["train_loss"], 1e-8)) for r in result["results"].values()]
     ax.boxplot(data, showfliers=True)
     ax.set_xticks(np.arange(1, len(data) + 1), list(result["results"]))
     for i, d in enumerate(data):
-        ax.plot(
-            np.full(len(d), i + 1) + np.random.default_rng(i).uniform(-0.15, 0.15, len(d)),
-            d,
-            ".",
-            alpha=0.4,
-        )
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(d))
+        ax.plot(np.full(len(d), i + 1) + jitter, d, ".", alpha=0.4)
     ax.axhline(np.log10(result["good_loss"]), color="grey", ls="--", lw=1)
     ax.set_ylabel("log10 final training loss")
     ax.set_title(f"kink: {result['inits']} initialisations")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plotting.save(fig, path, 90)
 
 
 def cnn_table(result: dict[str, Any]) -> str:
-    lines = []
+    blocks = []
     for setting, r in result["results"].items():
-        chosen_full = r["tuning"]["full"]["chosen"]
-        chosen_partial = r["tuning"]["partial"]["chosen"]
-        lines += [
-            f"**{setting}** (persistent full: {chosen_full}; partial: {chosen_partial})",
-            "",
-            "| method | test accuracy (mean ± std) | test loss | val loss |",
-            "|---|---|---|---|",
-        ]
-        for name, m in r["methods"].items():
-            lines.append(
-                f"| {name} | {_mean_std(m['test_accuracy'])} | {np.mean(m['test_loss']):.4f} | "
-                f"{np.mean(m['val_loss']):.4f} |"
+        full, partial = r["tuning"]["full"]["chosen"], r["tuning"]["partial"]["chosen"]
+        plain = r["methods"]["plain"]["test_accuracy"]
+        rows = [
+            f"| {name} | {report.cell(report.stats(m['test_accuracy']))} | "
+            + (
+                ""
+                if name == "plain"
+                else report.cell(report.paired(m["test_accuracy"], plain), sign=True)
             )
-        lines.append("")
-    return "\n".join(lines)
+            + f" | {np.mean(m['test_loss']):.4f} | {np.mean(m['val_loss']):.4f} |"
+            for name, m in r["methods"].items()
+        ]
+        blocks.append(
+            f"**{setting}** (persistent full: {full}; partial: {partial}; mean ± sample std "
+            "[95% t interval])\n\n| method | test accuracy | minus plain | test loss | val loss |"
+            "\n|---|---|---|---|---|\n" + "\n".join(rows)
+        )
+    return "\n\n".join(blocks) + "\n"
 
 
-def cnn_plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def cnn_plot(result: dict[str, Any], path) -> None:
     settings = list(result["results"])
     methods = list(next(iter(result["results"].values()))["methods"])
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(settings)), 4))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
-        means = [
-            np.mean(result["results"][s]["methods"][method]["test_accuracy"]) for s in settings
-        ]
-        stds = [np.std(result["results"][s]["methods"][method]["test_accuracy"]) for s in settings]
-        ax.bar(np.arange(len(settings)) + j * width, means, width, yerr=stds, label=method)
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2)
-    ax.set_xticklabels(settings, fontsize=8)
-    ax.set_ylabel("test accuracy")
+        accuracy = [result["results"][s]["methods"][method]["test_accuracy"] for s in settings]
+        stds = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in accuracy]
+        x = np.arange(len(settings)) + j * width
+        ax.bar(x, [np.mean(a) for a in accuracy], width, yerr=stds, label=method)
+    ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, fontsize=8)
+    ax.set_ylabel("test accuracy (bars: sample std)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plotting.save(fig, path, 90)
+
+
+STUDIES = {
+    "toy": (lambda: toy_study(_ITERATIONS.value, _STEPS.value, 0.05), toy_table, toy_plot),
+    "kink": (lambda: kink_study(_INITS.value, _GOOD_LOSS.value, _T.value), kink_table, kink_plot),
+    "cnn": (lambda: cnn_study(list(_DATA.value), _SEEDS.value, _T.value), cnn_table, cnn_plot),
+}
 
 
 def main(argv: list[str]) -> None:
     del argv
-    out = Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tables = {"toy": (toy_table, toy_plot), "kink": (kink_table, kink_plot)}
-    tables["cnn"] = (cnn_table, cnn_plot)
-    if _REPLOT.value:  # tables and plot again from OUT.json, nothing trained
-        result = json.loads(out.with_suffix(".json").read_text())
-        table, plot = tables[_STUDY.value]
-        out.with_suffix(".md").write_text(f"`{result['command']}`\n\n{table(result)}\n")
-        plot(result, out.with_suffix(".png"))
-        return
-    t = time.perf_counter()
-    if _STUDY.value == "toy":
-        result = toy_study(_ITERATIONS.value, _STEPS.value, 0.05)
-        text, plot = toy_table(result), toy_plot
-    elif _STUDY.value == "kink":
-        result = kink_study(_INITS.value, _GOOD_LOSS.value)
-        text, plot = kink_table(result), kink_plot
-    else:
-        result = cnn_study(list(_DATA.value), _SEEDS.value)
-        text, plot = cnn_table(result), cnn_plot
-    result["seconds"] = time.perf_counter() - t
-    result["command"] = "python -m experiments.persistent_study " + " ".join(
-        f"--{f}={','.join(map(str, v)) if isinstance(v := flags.FLAGS[f].value, list) else v}"
-        for f in ("study", *STUDY_FLAGS[_STUDY.value], "out")
-    )
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(f"`{result['command']}`\n\n{text}\n")
-    plot(result, out.with_suffix(".png"))
+    provenance = report.Provenance()
+    run, table, plot = STUDIES[_STUDY.value]
+    try:
+        report.prepare_workdir(_WORKDIR.value)
+        if _REPLOT.value:  # tables and plot again from NAME.json, nothing trained
+            result = report.read(f"{_WORKDIR.value}/{_NAME.value}.json")
+            provenance = result.pop("provenance")  # the run that trained it
+        else:
+            for data in _DATA.value if _STUDY.value == "cnn" else ():  # checked before training
+                _config("cnn", "plain", data=data)
+            result = run()
+    except (ValueError, data_lib.MissingDataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    text = table(result)
+    report.write(_WORKDIR.value, _NAME.value, result, text, provenance, lambda p: plot(result, p))
     print(text)
 
 
 if __name__ == "__main__":  # flags only for the binary: the module stays importable
-    _STUDY = flags.DEFINE_enum("study", "kink", ["toy", "kink", "cnn"], "Which study.")
+    _STUDY = flags.DEFINE_enum("study", "kink", list(STUDIES), "Which study.")
     _ITERATIONS = flags.DEFINE_integer("iterations", 4, "toy: persistent iterations K.")
     _STEPS = flags.DEFINE_integer("steps", 300, "toy: steps per iteration T.")
-    _INITS = flags.DEFINE_integer("inits", 64, "kink: initialisations (tuning, then fresh).")
-    _SEEDS = flags.DEFINE_integer("seeds", 3, "cnn: seeds (tuning, then fresh).")
+    _T = flags.DEFINE_integer(
+        "iteration_steps", 0, "kink, cnn: steps per iteration T (0: the config's)."
+    )
+    _INITS = flags.DEFINE_integer("inits", 64, "kink: initialisations (and as many tuning seeds).")
+    _SEEDS = flags.DEFINE_integer("seeds", 5, "cnn: seeds (and as many tuning seeds).")
     _GOOD_LOSS = flags.DEFINE_float("good_loss", 0.01, "kink: the training loss called good.")
     _DATA = flags.DEFINE_list("data", ["digits", "mnist1d"], "cnn: datasets.")
-    _OUT = flags.DEFINE_string("out", "runs/persistent", "Output prefix (.json, .md, .png).")
-    _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw OUT.md and OUT.png from OUT.json.")
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/persistent", "Where the outputs go.")
+    _NAME = flags.DEFINE_string("name", "persistent", "Output file name (NAME.json, .md, .png).")
+    _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw NAME.md and NAME.png from NAME.json.")
     app.run(main)

@@ -1,7 +1,11 @@
 """Test set-up: CPU only, eight fake devices so sharding code runs everywhere."""
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -18,6 +22,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 import pytest  # noqa: E402
 
 from altlearn.config import base_config, set_key  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
 
 
 def small_problem(widths: tuple[int, ...]):
@@ -57,3 +64,83 @@ def tiny_config(rule: str = "backprop", steps: int = 20, **overrides):
 @pytest.fixture
 def make_tiny_config():
     return tiny_config
+
+
+def run_program(config, key: int = 0, eval_at=None, hparams=None, dataset=None):
+    """The training program of ``config`` (``altlearn.train.make_train``), jitted, for seed
+    ``key``: its curves as numpy arrays, one entry per evaluation."""
+    import jax
+    import numpy as np
+
+    from altlearn.train import make_train
+
+    train = make_train(config, eval_at, dataset)
+    _, curves = jax.jit(train)(jax.random.PRNGKey(key), hparams)
+    return {k: np.asarray(v) for k, v in curves.items()}
+
+
+def per_step(config, key: int = 0, dataset=None):
+    """Every step's metrics of the training program (evaluated after every step): ``loss``
+    (the batch loss before the step) and the rule's own, [steps] each, and the curves."""
+    curves = run_program(config, key, range(int(config.steps) + 1), dataset=dataset)
+    steps = {"loss": curves["train_loss_running"][1:]}
+    steps.update({k[5:]: v[1:] for k, v in curves.items() if k.startswith("rule/")})
+    return steps, curves
+
+
+def run_module(module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repository root, as a user runs a binary."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_binary(workdir, *flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``experiments.train`` into ``workdir`` with ``flags``."""
+    return run_module("experiments.train", f"--workdir={workdir}", *flags, timeout=timeout)
+
+
+def figures(workdir) -> dict:
+    """The final figures of a run's ``summary.json``."""
+    summary = json.loads((Path(workdir) / "summary.json").read_text())
+    return {k: summary[k] for k in FIGURES}
+
+
+def flat(tree):
+    """Every leaf of ``tree`` in one vector."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def small_net(model, x, y):
+    """(model, variables, (x, y), the true gradient of the mean batch loss) for an estimator's
+    tests (classification)."""
+    import jax
+
+    from altlearn import losses
+
+    task = losses.make_task("classification")
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    loss = lambda p: task.loss(model.apply({"params": p}, x), y).mean()
+    return model, variables, (x, y), jax.jit(jax.grad(loss))(variables["params"])
+
+
+def step_by_hand(rule, variables, batches, steps: int, key: int = 5, init_key: int = 1):
+    """``steps`` jitted steps of ``rule`` on ``batches`` in turn (step t's key:
+    fold_in(PRNGKey(key), t)); (variables, state, metrics) after each."""
+    import jax
+
+    state = rule.init(jax.random.PRNGKey(init_key), variables)
+    step = jax.jit(rule.step)
+    out = []
+    for t in range(steps):
+        variables, state, metrics = step(
+            jax.random.fold_in(jax.random.PRNGKey(key), t),
+            variables,
+            state,
+            batches[t % len(batches)],
+        )
+        out.append((variables, state, metrics))
+    return out

@@ -6,27 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FIGURES, ROOT, figures, run_binary, tiny_config
 
 from altlearn import data, runner
 from altlearn.config import base_config
 from altlearn.train import Experiment
 from experiments.configs import digits
-
-ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
-
-
-def run_binary(workdir, *flags, timeout=240):
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
 
 DIGITS_FLAGS = (
     "--config=experiments/configs/digits.py",
@@ -36,6 +25,7 @@ DIGITS_FLAGS = (
 )
 
 
+@pytest.mark.slow
 def test_binary_writes_every_output(tmp_path):
     result = run_binary(tmp_path, *DIGITS_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,16 +47,11 @@ def test_binary_writes_every_output(tmp_path):
     assert "Results are in" in result.stdout
 
 
-def _figures(workdir):
-    summary = json.loads((Path(workdir) / "summary.json").read_text())
-    return {k: summary[k] for k in FIGURES}
-
-
 def test_same_config_gives_identical_numbers(tmp_path):
     config = tiny_config(steps=30)
     runner.run(config, tmp_path / "a")
     runner.run(config, tmp_path / "b")
-    assert _figures(tmp_path / "a") == _figures(tmp_path / "b")
+    assert figures(tmp_path / "a") == figures(tmp_path / "b")
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
@@ -81,13 +66,14 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
         runner.run(config, tmp_path / "cut", on_eval=interrupt)
     assert not (tmp_path / "cut" / "summary.json").exists()
     runner.run(config, tmp_path / "cut")
-    assert _figures(tmp_path / "cut") == _figures(tmp_path / "whole")
+    assert figures(tmp_path / "cut") == figures(tmp_path / "whole")
     steps = [
         json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [0, 10, 20, 30, 40, 50, 60]
 
 
+@pytest.mark.slow
 def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
     flags = (*DIGITS_FLAGS, "--config.steps=400", "--config.eval_every=40")
     config = digits.get_config()  # what the flags give, trained whole in this process
@@ -113,7 +99,7 @@ def test_killed_binary_resumes_to_the_same_numbers(tmp_path):
     resumed = run_binary(tmp_path / "cut", *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from the checkpoint" in resumed.stderr
-    assert _figures(tmp_path / "cut") == _figures(tmp_path / "whole")
+    assert figures(tmp_path / "cut") == figures(tmp_path / "whole")
 
 
 def _diverging_at_step_5():

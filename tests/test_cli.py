@@ -2,21 +2,18 @@
 scripts/test_floors' pins."""
 
 import json
-import os
 import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 from absl import flags
+from conftest import ROOT, run_binary
 from packaging.requirements import Requirement
 
 from altlearn import config as config_lib
 from altlearn import models, rules
 from altlearn.train import Experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "experiments/configs").glob("[!_]*.py"))
 DEFAULT = "experiments/configs/default.py"
 
@@ -113,12 +110,7 @@ def test_bad_command_lines_name_the_valid_choices(args, message):
     assert message in str(error.value)
 
 
-def run_binary(workdir, *flags, timeout=240):
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -150,6 +142,7 @@ def test_binary_bad_input_is_a_clear_error(tmp_path, flags, message):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_binary_switches_the_rule_with_options_given_before_it(tmp_path):
     result = run_binary(
         tmp_path,
@@ -182,3 +175,15 @@ def test_floor_pins_are_pyprojects_floors():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == expected
+
+
+def test_every_test_the_floor_check_names_exists():
+    """scripts/test_floors runs a named subset: each file and test function it names exists."""
+    script = (ROOT / "scripts" / "test_floors").read_text()
+    names = script.split("floor_tests=(", 1)[1].split(")", 1)[0].split()
+    assert names
+    for name in names:
+        path, _, test = name.partition("::")
+        assert (ROOT / path).is_file(), name
+        if test:
+            assert f"def {test}(" in (ROOT / path).read_text(), name

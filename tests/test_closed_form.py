@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import per_step, run_binary, run_program, tiny_config
 
-from altlearn import losses, models, rules
+from altlearn import driver, losses, models, rules
 from altlearn.data import Dataset
-from altlearn.train import Experiment, make_train
+from altlearn.train import Experiment
 
 cf = importlib.import_module("altlearn.rules.closed_form")
 
@@ -91,13 +91,12 @@ def test_a_planted_two_layer_teacher_is_recovered():
     """Teacher in-5-4-2 ReLU; student width 8: 60 alternations reach < 1e-6 of the target
     energy on every seed (measured: 1e-12 .. 3e-9 after 50)."""
     data = _teacher()
-    train = make_train(_teacher_config(8, 60), data)
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(3))
-    _, metrics = jax.jit(jax.vmap(train))(keys)
+    config = _teacher_config(8, 60)
+    runs = driver.run(config, seeds=range(3), eval_at=[59], dataset=data)
     energy = 0.5 * float(np.mean(np.sum(data.y_train.astype(np.float64) ** 2, axis=1)))
-    final = np.asarray(metrics["step"]["loss_after"])[:, -1]
+    final = runs.curves["rule/loss_after"][:, -1]  # the last alternation's
     assert np.all(final < 1e-6 * energy), final / energy
-    assert np.all(np.asarray(metrics["eval"]["test_loss"]) < 1e-3 * energy)
+    assert np.all(runs.curves["test_loss"][:, -1] < 1e-3 * energy)
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
@@ -108,8 +107,8 @@ def test_the_loss_never_increases(activation):
     config = tiny_config("closed_form", 15, loss="squared_error", batch_size=10**6)
     config.model.activation = activation
     config.model.widths = (16,)
-    _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-    m = {k: np.asarray(v, np.float64) for k, v in metrics["step"].items()}
+    steps, curves = per_step(config)
+    m = {k: np.asarray(v, np.float64) for k, v in steps.items()}
     assert np.all(m["loss_after"] <= m["loss_output_solved"])
     assert np.all(np.diff(m["loss_after"]) <= 0)
     np.testing.assert_allclose(m["loss"][1:], m["loss_after"][:-1], rtol=1e-6)
@@ -117,7 +116,7 @@ def test_the_loss_never_increases(activation):
     t = m["step_length"]
     assert np.all((t == 0) | np.isin(t, 2.0 ** -np.arange(11)))
     np.testing.assert_array_equal(m["accepted"], t == 1)
-    assert float(metrics["eval"]["test_accuracy"]) > 0.9
+    assert float(curves["test_accuracy"][-1]) > 0.9
 
 
 def test_model_params_are_the_solved_layers():
@@ -155,10 +154,10 @@ def test_float32_mode_learns_without_64_bit():
     with jax.enable_x64(False):
         config = tiny_config("closed_form", 8, loss="squared_error", batch_size=10**6)
         config.rule.dtype = "float32"
-        _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-        assert metrics["step"]["loss_after"].dtype == jnp.float32
-        assert float(metrics["eval"]["train_loss"]) < 0.05
-        assert float(metrics["eval"]["test_accuracy"]) > 0.92
+        curves = run_program(config, eval_at=())
+        assert curves["rule/loss_after"].dtype == np.float32
+        assert float(curves["train_loss"][-1]) < 0.05
+        assert float(curves["test_accuracy"][-1]) > 0.92
 
 
 def test_float64_without_64_bit_mode_is_a_clear_error():
@@ -214,29 +213,19 @@ def test_chunked_accumulation_gives_the_same_step():
             "closed_form", 3, loss="squared_error", batch_size=10**6, **{"rule.chunk_size": chunk}
         )
         config.model.widths = (16,)
-        _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-        results.append(np.asarray(metrics["step"]["loss_after"]))
+        results.append(per_step(config)[0]["loss_after"])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_binary_runs_closed_form_in_float64_and_records_every_alternation(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        f"--workdir={tmp_path}",
+    result = run_binary(
+        tmp_path,
         "--config=experiments/configs/closed_form.py:method=closed_form,data=wine",
         "--config.steps=4",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import run_program, tiny_config
 
 from altlearn import models
-from altlearn.rules import RULES, SPLITS, options_of
+from altlearn.rules import NEEDS, RULES, SPLITS, Sizes, options_of, resolve
 from altlearn.train import Experiment, make_train
 
 # rule -> settings on the tiny problem (digits, MLP 64-32-10, batch 64, Adam 1e-2):
@@ -152,17 +152,35 @@ def test_every_rule_has_a_setup():
 def test_every_rule_declares_a_positive_cost(rule):
     """``RuleSpec.cost``: forward-pass equivalents per step with the default options, which
     equal-compute comparisons divide by."""
-    cost = RULES[rule].cost(_tiny_model(), options_of(rule))
+    cost = resolve({"name": rule}).cost(_tiny_model(), Sizes(64, 1437, 160))
     assert isinstance(cost, float) and math.isfinite(cost) and cost > 0, cost
 
 
-def test_declared_data_splits_are_known():
-    """Every ``RuleSpec.splits`` names only splits a rule may receive; the test split is never
-    one of them."""
+def test_declared_needs_are_known():
+    """Every ``RuleSpec.needs`` names only what a rule may ask for (a layered model, the train
+    and val splits); the test split is never one of them."""
     assert "test" not in SPLITS
     for name, spec in RULES.items():
-        assert isinstance(spec.splits, tuple), name
-        assert set(spec.splits) <= set(SPLITS), (name, spec.splits)
+        assert isinstance(spec.needs, tuple), name
+        assert set(spec.needs) <= set(NEEDS), (name, spec.needs)
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_uses_optimizer_says_what_the_rule_does(rule):
+    """``RuleSpec.uses_optimizer``: a rule that applies the optimizer trains differently at
+    another learning rate; one that says it does not, identically (else a sweep or tuner would
+    vary a key the rule never reads, or skip one it does)."""
+    finals = []
+    for lr in (1e-4, 3e-2):
+        config = _config(rule, steps=2)
+        config.optimizer.learning_rate = lr
+        experiment = Experiment(config)
+        state = experiment.init(jax.random.PRNGKey(0))
+        state, _ = jax.jit(lambda s, e=experiment: e.train_steps(s, 2))(state)
+        finals.append(np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.variables)]))
+    uses = resolve(config.rule).uses_optimizer
+    moved = float(np.max(np.abs(finals[0] - finals[1])))
+    assert (moved > 0) == uses, (rule, uses, moved)
 
 
 @pytest.mark.parametrize("rule", RULE_NAMES)
@@ -216,11 +234,11 @@ def test_vmap_over_seeds_and_a_numeric_hyperparameter_matches_single_runs(rule):
     values = jnp.array([h0, h1, h1])
     _, batched = jax.jit(jax.vmap(train))(keys, {name: values})
     _, single = jax.jit(train)(keys[2], {name: h1})
-    np.testing.assert_allclose(batched["step"]["loss"][2], single["step"]["loss"], rtol=1e-4)
     np.testing.assert_allclose(
-        batched["eval"]["train_loss"][2], single["eval"]["train_loss"], rtol=1e-4
+        batched["train_loss_running"][2], single["train_loss_running"], rtol=1e-4
     )
-    final = np.asarray(batched["eval"]["train_loss"])
+    np.testing.assert_allclose(batched["train_loss"][2], single["train_loss"], rtol=1e-4)
+    final = np.asarray(batched["train_loss"][:, -1])
     assert len(set(np.round(final, 6))) == 3, "seeds and hyperparameter values must matter"
 
 
@@ -231,12 +249,11 @@ def test_default_options_learn_on_a_small_problem(rule):
     bounds = SETUPS[rule]["defaults"]
     config = _defaults_config(rule)
     assert config.rule.to_dict() == {"name": rule, **options_of(rule)}
-    _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-    losses = np.asarray(metrics["step"]["loss"])
-    first_losses = float(np.mean(losses[:5]))
-    train_loss = float(metrics["eval"]["train_loss"])
-    test_accuracy = float(metrics["eval"]["test_accuracy"])
-    assert np.all(np.isfinite(losses))
+    curves = run_program(config, eval_at=[5])
+    first_losses = float(curves["train_loss_running"][1])  # the mean of steps 1-5
+    train_loss = float(curves["train_loss"][-1])
+    test_accuracy = float(curves["test_accuracy"][-1])
+    assert np.all(np.isfinite(curves["train_loss_running"][1:]))
     assert train_loss < bounds["max_train_loss"] < first_losses, (first_losses, train_loss)
     assert test_accuracy > bounds["min_test_accuracy"], test_accuracy
 
@@ -244,10 +261,9 @@ def test_default_options_learn_on_a_small_problem(rule):
 @pytest.mark.parametrize("rule", TUNED)
 def test_learns_on_a_small_problem_with_tuned_options(rule):
     bounds = SETUPS[rule]["tuned"]
-    train = make_train(_config(rule, steps=bounds["steps"], mechanics=False))
-    _, metrics = jax.jit(train)(jax.random.PRNGKey(0))
-    first_losses = float(np.mean(metrics["step"]["loss"][:5]))
-    train_loss = float(metrics["eval"]["train_loss"])
-    test_accuracy = float(metrics["eval"]["test_accuracy"])
+    curves = run_program(_config(rule, steps=bounds["steps"], mechanics=False), eval_at=[5])
+    first_losses = float(curves["train_loss_running"][1])  # the mean of steps 1-5
+    train_loss = float(curves["train_loss"][-1])
+    test_accuracy = float(curves["test_accuracy"][-1])
     assert train_loss < bounds["max_train_loss"] < first_losses, (first_losses, train_loss)
     assert test_accuracy > bounds["min_test_accuracy"], test_accuracy

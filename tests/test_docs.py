@@ -46,6 +46,7 @@ def test_readme_rule_example_runs_and_learns():
     import numpy as np
     import optax
 
+    from altlearn.rules import Sizes
     from altlearn.train import Experiment
 
     text = README.read_text()
@@ -56,7 +57,7 @@ def test_readme_rule_example_runs_and_learns():
     spec = namespace["SPEC"]
     experiment = Experiment(_tiny_backprop_config())
     model, task = experiment.model, experiment.task
-    assert spec.cost(model, {}) > 0
+    assert spec.cost(model, {}, Sizes(64)) == 3.0
     rule = spec.factory(model, task, optax.adam(1e-2), {})
     variables = model.init(jax.random.PRNGKey(0), experiment.x_train[:1])
     state = rule.init(jax.random.PRNGKey(1), variables)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import flat, small_net
 
 from altlearn import losses, models, rules
 from altlearn.rules.base import rng_mode
@@ -22,26 +23,19 @@ TASK = losses.make_task("classification")
 SLOPE = 0.2  # leaky ReLU slope of the tiny nets (models.mlp's default)
 
 
-def _flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
-
-
 # --------------------------------------------------------------------------------------------
 # Weight perturbation and forward gradient: unbiased, with the right magnitude.
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def small_net():
+def net():
     """MLP 6-5-4-3 (74 parameters), batch 16, and the true gradient of the mean batch loss."""
     model = models.mlp((6,), 3, widths=(5, 4), activation="leaky_relu")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, size=16))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-    loss = lambda p: TASK.loss(model.apply({"params": p}, x), y).mean()
-    true = jax.jit(jax.grad(loss))(variables["params"])
-    return model, variables, (x, y), true
+    return small_net(model, x, y)
 
 
 # Both estimates are (g . u) u with u ~ N(0, I) over P = 74 parameters (plus O(sigma) terms for
@@ -61,16 +55,16 @@ NUM_SAMPLES = 20_000
         ("forward_gradient", {}),
     ],
 )
-def test_estimate_is_unbiased_with_the_right_magnitude(small_net, rule, options):
+def test_estimate_is_unbiased_with_the_right_magnitude(net, rule, options):
     """The mean of NUM_SAMPLES estimates (the rule's own num_noise_samples average) against
     jax.grad, for three keys (one compilation)."""
-    model, variables, batch, true = small_net
+    model, variables, batch, true = net
     r = rules.make_rule(rule, model, TASK, optax.sgd(0.1), num_noise_samples=NUM_SAMPLES, **options)
     state = r.init(jax.random.PRNGKey(4), variables)
     estimate = jax.jit(r.estimate)
-    true = _flat(true)
+    true = flat(true)
     for seed in range(3):
-        mean = _flat(estimate(jax.random.PRNGKey(seed), variables, state, batch)[0])
+        mean = flat(estimate(jax.random.PRNGKey(seed), variables, state, batch)[0])
         cos = float(jnp.vdot(mean, true) / (jnp.linalg.norm(mean) * jnp.linalg.norm(true)))
         ratio = float(jnp.linalg.norm(mean) / jnp.linalg.norm(true))
         assert cos > 0.99, (seed, cos)
@@ -257,7 +251,7 @@ def test_the_rule_is_its_noise_draw_and_the_estimate_from_that_noise(tiny):
         model, TASK, variables, batch, eps, keys, key_clean, "anp", "finite_difference", SIGMA
     )
     # Compiled apart, the two may round differently (~1e-6); other noise would be off by O(1).
-    got, want = _flat(got), _flat(want)
+    got, want = flat(got), flat(want)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 

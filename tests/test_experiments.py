@@ -1,7 +1,10 @@
-"""Experiment configs and the comparison binaries on tiny settings."""
+"""Experiment configs, and every experiment binary end to end on tiny settings: its outputs
+(with provenance and intervals), and its bad input as one line with no traceback."""
+
+import json
 
 import pytest
-from conftest import tiny_config
+from conftest import run_module
 
 from altlearn import config as config_lib
 from altlearn.train import Experiment
@@ -26,46 +29,6 @@ def test_np_family_variant_errors():
         np_family.get_config("optimiser=adam")
 
 
-def test_compare_trains_exactly_the_steps_asked_and_tabulates():
-    config = tiny_config("node_perturbation", steps=4, eval_every=2)
-    config.rule.num_noise_samples = 1
-    compare.set_steps(config, seeds=2, steps=300)  # not rounded to a multiple of eval_every
-    assert (config.steps, config.eval_every) == (300, 15)  # 20 evaluations: a curve
-    compare.set_steps(config, seeds=2, steps=5, eval_every=2)
-    result = compare.run_one(config, seeds=2)
-    assert [c["step"] for c in result["curves"]] == [0, 2, 4, 5]  # a last, shorter chunk
-    assert result["steps"] == 5 and len(result["final"]["test_accuracy"]) == 2
-    assert result["forward_passes"] == 2  # clean pass + one noisy pass (np's RuleSpec.cost)
-    text = compare.table({"digits": {"np": result}}, seeds=2)
-    assert "| np |" in text and "2 seeds" in text and "| 5 |" in text
-    compare.set_steps(config, seeds=2, budget_forward_passes=51)  # 25 steps of 2 passes
-    assert (config.steps, config.eval_every) == (25, 2)
-
-
-def test_tuning_chooses_by_validation_on_tuning_seeds_and_skips_keys_a_method_lacks():
-    """compare's --tune: the grid of the keys a config has, one vmapped program on tuning seeds
-    1000.., the point with the lowest mean final validation loss set in the config; a key no
-    method has is refused naming the sweepable ones."""
-    config = tiny_config("node_perturbation", steps=6, eval_every=6)
-    config.rule.num_noise_samples = 1
-    specs = ["optimizer.learning_rate=[1e-6,1e-2]", "rule.sigma=[1e-2]"]
-    tuned = compare.tune(config, specs, seeds=2)
-    assert len(tuned["grid"]) == 2 and tuned["tuning_seeds"] == [1000, 1001]
-    assert tuned["chosen"] == {"optimizer.learning_rate": 1e-2, "rule.sigma": 1e-2}
-    assert tuned["mean_val_loss"][1] < tuned["mean_val_loss"][0]  # lr 1e-6 barely moves
-    assert config.optimizer.learning_rate == 1e-2
-    config.optimizer.learning_rate = 1e-6
-    by_accuracy = compare.tune(config, specs, seeds=2, by="val_accuracy")
-    assert by_accuracy["chosen"] == tuned["chosen"] and by_accuracy["by"] == "val_accuracy"
-    assert by_accuracy["mean_val_accuracy"][1] > by_accuracy["mean_val_accuracy"][0]
-    with pytest.raises(ValueError, match="--tune_by=test_accuracy: valid choices: val_loss, val_"):
-        compare.tune(config, specs, seeds=1, by="test_accuracy")
-    backprop = tiny_config("backprop", steps=6, eval_every=6)
-    assert compare.tune(backprop, ["rule.sigma=[1e-2]"], seeds=1) is None  # bp has no sigma
-    with pytest.raises(ValueError, match="'rule.sgima' is no method's sweepable float"):
-        compare.tune_keys({"np": config, "bp": backprop}, ["rule.sgima=[1]"])
-
-
 def test_population_config_and_generated_rice_table(tmp_path):
     from altlearn.data import load_dataset
     from experiments import make_table
@@ -82,29 +45,117 @@ def test_population_config_and_generated_rice_table(tmp_path):
         population.get_config("method=cma")
 
 
-def test_closed_form_compare_on_a_tiny_run(monkeypatch):
-    """closed_form and the Adam baselines (gd and sgd run the same code), the lr grid in one
-    vmapped program, the tables and the reach analysis."""
-    import jax
+def test_compare_takes_config_variants_and_any_registered_rule():
+    """--methods: the config file's variants and rules by name (its defaults, on the file's
+    model and data); --set applies to every method that has the key; the steps are exact."""
+    configs = compare.method_configs(
+        "experiments/configs/np_family.py", ["bp", "weight_perturbation"], "digits", "",
+        ["rule.sigma=0.05", "batch_size=32"],
+    )  # fmt: skip
+    assert configs["weight_perturbation"].rule.name == "weight_perturbation"
+    assert configs["weight_perturbation"].rule.sigma == 0.05
+    assert configs["weight_perturbation"].model.widths == configs["bp"].model.widths
+    assert configs["bp"].batch_size == 32 == configs["weight_perturbation"].batch_size
+    with pytest.raises(ValueError, match="unknown method 'hebbian'; valid choices: the variants"):
+        compare.method_configs("experiments/configs/np_family.py", ["hebbian"], "digits", "", [])
+    with pytest.raises(ValueError, match="--set rule.sgima=1: give KEY=VALUE with a key"):
+        compare.method_configs(
+            "experiments/configs/np_family.py", ["bp"], "digits", "", ["rule.sgima=1"]
+        )
+    config = configs["bp"]
+    compare.set_steps(config, seeds=2, steps=300)
+    assert (config.steps, config.eval_every) == (300, 15)  # 20 evaluations: a curve
 
-    from altlearn.data import load_dataset
-    from experiments import closed_form_compare as cfc
-    from experiments.configs import closed_form
 
-    with pytest.raises(ValueError, match="valid choices: closed_form, gd"):
-        closed_form.get_config("method=lbfgs")
-    data = load_dataset("wine")
-    with jax.enable_x64(True):
-        result = {"closed_form": cfc.run_closed_form(data, width=8, seeds=2, alternations=3)}
-        assert result["closed_form"]["dtype"] == "float64"
-    monkeypatch.setattr(cfc, "BASELINES", ("adam_full", "adam"))
-    for method in cfc.BASELINES:
-        result[method] = cfc.run_baseline(method, data, 8, 2, 20, [1e-3, 1e-2], 4)
-        assert result[method]["best_lr"] in (1e-3, 1e-2)
-        assert len(result[method]["train_loss"]) == 2  # seeds
-    runs = result["closed_form"]["runs"]
-    assert all(len(r["train_loss"]) == 4 and r["time_s"][-1] > 0 for r in runs)
-    assert all(b <= a for r in runs for a, b in zip(r["train_loss"][1:], r["train_loss"][2:]))
-    result["reach"] = cfc.reach_analysis(result)
-    text = cfc.summarise({"wine": result})
-    assert "| closed_form (float64) |" in text and "Adam's best training loss" in text
+@pytest.mark.slow
+def test_compare_binary_end_to_end(tmp_path):
+    result = run_module(
+        "experiments.compare", "--methods=bp,np", "--data=digits", "--seeds=2", "--steps=5",
+        "--eval_every=2", "--set=model.widths=(16,)", f"--workdir={tmp_path}",
+        "--tune=optimizer.learning_rate=[1e-3,1e-2]", "--tune_seeds=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads((tmp_path / "compare.json").read_text())
+    np_run = document["results"]["digits"]["np"]
+    assert [c["step"] for c in np_run["curves"]] == [0, 2, 4, 5]  # a last, shorter interval
+    assert np_run["forward_passes"] == 2 and np_run["tuned"]["seeds"] == [1000]
+    assert document["provenance"]["command"].startswith("python -m experiments.compare")
+    table = (tmp_path / "compare.md").read_text()
+    assert "minus bp" in table and "[" in table and (tmp_path / "compare.png").exists()
+
+
+STUDIES = {
+    "persistent_toy": ("experiments.persistent_study", "--study=toy", "--iterations=2",
+                       "--steps=20"),
+    "persistent_kink": ("experiments.persistent_study", "--study=kink", "--inits=2",
+                        "--iteration_steps=10"),
+    "hybrid": ("experiments.hybrid_study", "--data=digits", "--methods=hybrid,bp", "--seeds=2",
+               "--set=steps=20", "--set=rule.es_every=10", "--set=rule.population_size=2"),
+    "closed_form": ("experiments.closed_form_compare", "--data=wine", "--methods=adam",
+                    "--alternations=3", "--steps=20", "--records=4", "--seeds=2",
+                    "--max_steps=40"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
+    """persistent_study (toy, kink), hybrid_study and closed_form_compare from the command
+    line: each writes its json (with provenance), md and png."""
+    module, *flags = STUDIES[name]
+    result = run_module(module, *flags, f"--workdir={tmp_path}", f"--name={name}")
+    assert result.returncode == 0, (name, result.stderr[-3000:])
+    document = json.loads((tmp_path / f"{name}.json").read_text())
+    assert document["provenance"]["versions"]["jax"]
+    assert (tmp_path / f"{name}.md").exists() and (tmp_path / f"{name}.png").exists()
+    if name == "hybrid":
+        hybrid = document["results"]["digits"]["hybrid"]
+        assert [p["step"] for p in hybrid["around_phases"]] == [10, 20]
+        assert hybrid["vs_bp_test_accuracy"]["n"] == 2
+    if name == "closed_form":
+        assert "Adam's best training loss" in (tmp_path / f"{name}.md").read_text()
+
+
+BINARIES = {
+    "experiments.compare": ("--methods=bp", "--data=digits"),
+    "experiments.sweep": ("--config=experiments/configs/digits.py",),
+    "experiments.hybrid_study": ("--data=digits", "--methods=bp"),
+    "experiments.persistent_study": ("--study=kink",),
+    "experiments.closed_form_compare": ("--data=wine",),
+    "experiments.train": ("--config=experiments/configs/digits.py",),
+}
+BAD_VALUES = {
+    "experiments.compare": ("--tune=optimizer.learning_rate=[-1]", "learning_rate must be > 0"),
+    "experiments.sweep": ("--sweep=optimizer.learning_rate=[-1]", "learning_rate must be > 0"),
+    "experiments.hybrid_study": ("--set=rule.es_every=0", "es_every must be >= 1"),
+    "experiments.persistent_study": ("--data=nope", "Unknown dataset 'nope'"),
+    "experiments.closed_form_compare": ("--adam_lrs=fast", "takes numbers; got ['fast']"),
+    "experiments.train": ("--config.rule.name=hebbian", "Unknown rule 'hebbian'"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(BINARIES))
+def test_every_binary_says_bad_input_in_one_line(tmp_path, module):
+    """An unknown flag, a bad value (a sweep or tuning value, a method, a dataset) and a
+    workdir that is a file: each a short message and a non-zero exit, never a traceback."""
+    flags = BINARIES[module]
+    file = tmp_path / "file"
+    file.write_text("")
+    bad, message = BAD_VALUES[module]
+    cases = [
+        (("--no_such_flag=1",), "Unknown command line flag 'no_such_flag'"),
+        ((bad, "--steps=3" if module == "experiments.compare" else "--seeds=1"), message),
+        ((f"--workdir={file}",), "is a file; give a directory"),
+    ]
+    if module == "experiments.persistent_study":
+        cases[1] = ((bad, "--study=cnn"), message)
+    for extra, expected in cases:
+        args = [*flags, f"--workdir={tmp_path / 'out'}", *extra]
+        if module == "experiments.train":
+            args = [a for a in args if not a.startswith("--seeds")]
+        result = run_module(module, *args, timeout=120)
+        assert result.returncode != 0, (module, extra)
+        assert expected in result.stderr, (module, extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (module, extra, result.stderr[-2000:])
+        assert len(result.stderr.strip().splitlines()) <= 2, (module, result.stderr[-2000:])

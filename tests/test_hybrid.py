@@ -2,6 +2,7 @@
 loss, zero noise or no phase is backprop exactly, layer selection, the validation split (never
 the test split), resume, the binary, bad input."""
 
+import functools
 import json
 
 import jax
@@ -9,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import small_problem, tiny_config
-from test_cli import run_binary
+from conftest import run_binary, small_problem, step_by_hand, tiny_config
 
 from altlearn import losses, rules, runner
 from altlearn.rules.hybrid import select_layers
@@ -33,19 +33,6 @@ def _hybrid(problem, **options):
 def _val_loss(problem, variables):
     model, _, data, _ = problem
     return float(rules.batch_loss(model, TASK, variables, data["val"])[0])
-
-
-def _steps(rule, variables, batches, steps, key=5):
-    """(variables, state, metrics) after each of ``steps`` jitted steps."""
-    state = rule.init(jax.random.PRNGKey(1), variables)
-    step = jax.jit(rule.step)
-    out = []
-    for t in range(steps):
-        variables, state, metrics = step(
-            jax.random.fold_in(jax.random.PRNGKey(key), t), variables, state, batches[t % 4]
-        )
-        out.append((variables, state, metrics))
-    return out
 
 
 @pytest.mark.parametrize(
@@ -132,7 +119,7 @@ def test_sharded_and_chunked_phases_equal_one_vmap(problem):
         "sharded_chunked": {"shard": True, "memory_budget_mb": 1e-3},
     }.items():
         rule = _hybrid(problem, es_every=1, population_size=16, **options)
-        runs[name] = _steps(rule, variables, batches, 3)[-1]
+        runs[name] = step_by_hand(rule, variables, batches, 3)[-1]
     for name in ("sharded_chunked",):
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
@@ -179,21 +166,22 @@ def test_phases_score_the_validation_split_and_the_test_split_is_never_offered(
     declares only the val split, and the training loop offers a rule only what it declares."""
     model, variables, data, batches = problem
     rule = _hybrid(problem, es_every=1, val_size=10)
-    _, _, metrics = _steps(rule, variables, batches, 1)[0]
+    _, _, metrics = step_by_hand(rule, variables, batches, 1)[0]
     backprop = rules.make_rule("backprop", model, TASK, optax.sgd(LR), {})
-    bp = _steps(backprop, variables, batches, 1)[0][0]
+    bp = step_by_hand(backprop, variables, batches, 1)[0][0]
     x, y = data["val"]
     expected = float(rules.batch_loss(model, TASK, bp, (x[:10], y[:10]))[0])
     np.testing.assert_allclose(metrics["val_loss_before"], expected, rtol=1e-5)
-    assert rules.RULES["hybrid"].splits == ("val",)
+    assert rules.RULES["hybrid"].needs == ("val",)
     offered = []
-    original = rules.make_rule
+    spec = rules.RULES["hybrid"]
 
-    def spy(name, model, task, optimizer, data=None, **options):
-        offered.append(set(data or {}))
-        return original(name, model, task, optimizer, data, **options)
+    @functools.wraps(spec.factory)  # the factory's signature: its options
+    def spy(model, task, optimizer, data, **options):
+        offered.append(set(data))
+        return spec.factory(model, task, optimizer, data, **options)
 
-    monkeypatch.setattr(rules, "make_rule", spy)
+    monkeypatch.setitem(rules.RULES, "hybrid", spec._replace(factory=spy))
     experiment = Experiment(tiny_config("hybrid"))
     jax.eval_shape(experiment.init, jax.random.PRNGKey(0))
     assert offered and offered[0] == {"val"}  # the rule asked for val and got val only
@@ -221,7 +209,7 @@ def test_hybrid_learns_times_its_phases_and_resumes_to_identical_numbers(tmp_pat
         if record["step"] == 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(rules, "phase_steps", lambda name, options: None)  # unsplit chunks
+    monkeypatch.setattr(Experiment, "phase_steps", property(lambda self: None))  # unsplit chunks
     with pytest.raises(KeyboardInterrupt):
         runner.run(config, tmp_path / "cut", on_eval=interrupt)
     resumed = runner.run(config, tmp_path / "cut")
@@ -230,6 +218,7 @@ def test_hybrid_learns_times_its_phases_and_resumes_to_identical_numbers(tmp_pat
         assert resumed[key] == whole[key], key
 
 
+@pytest.mark.slow
 def test_binary_runs_the_hybrid_config(tmp_path):
     result = run_binary(
         tmp_path,
@@ -279,12 +268,11 @@ def test_cost_counts_the_validation_samples_a_phase_scores():
     training batches: the split's own size where it is smaller than val_size or val_size is 0
     (the whole split); the nominal val_size where the caller does not know the data."""
     per_phase = 1 + 8  # the parent and 8 offspring, one generation (the defaults)
-    assert rules.step_cost("hybrid", None, {}, 64) == pytest.approx(3 + per_phase * 512 / 64 / 100)
-    sizes = {"train": 1000, "val": 144}
-    assert rules.step_cost("hybrid", None, {}, 64, sizes) == pytest.approx(
-        3 + per_phase * 144 / 64 / 100
-    )
-    whole = rules.step_cost("hybrid", None, {"val_size": 0}, 64, {"val": 300})
+    cost = lambda sizes, **o: rules.resolve({"name": "hybrid", **o}).cost(None, sizes)
+    assert cost(rules.Sizes(64)) == pytest.approx(3 + per_phase * 512 / 64 / 100)
+    sizes = rules.Sizes(64, 1000, 144)
+    assert cost(sizes) == pytest.approx(3 + per_phase * 144 / 64 / 100)
+    whole = cost(rules.Sizes(64, 1000, 300), val_size=0)
     assert whole == pytest.approx(3 + per_phase * 300 / 64 / 100)
     with pytest.raises(ValueError, match="its cost needs the split's size"):
-        rules.step_cost("hybrid", None, {"val_size": 0}, 64)
+        cost(rules.Sizes(64), val_size=0)

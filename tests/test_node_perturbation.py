@@ -6,34 +6,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from conftest import flat, run_program, small_net, tiny_config
 
 from altlearn import data, losses, models, rules
 from altlearn.rules.node_perturbation import _layer_local_grads
-from altlearn.train import Experiment, make_train
+from altlearn.train import Experiment
 
 TASK = losses.make_task("classification")
 
 
-def _flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
-
-
 def _cos(a, b):
-    a, b = _flat(a), _flat(b)
+    a, b = flat(a), flat(b)
     return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
 @pytest.fixture(scope="module")
-def small_net():
+def net():
     model = models.mlp((10,), 3, widths=(16, 12), activation="leaky_relu")
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 10))
     y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 3)
-    variables = model.init(jax.random.PRNGKey(0), x)
-    true = jax.grad(lambda p: TASK.loss(model.apply({"params": p}, x), y).mean())(
-        variables["params"]
-    )
-    return model, variables, (x, y), true
+    return small_net(model, x, y)
 
 
 def _estimates(model, variables, batch, num, **options):
@@ -45,20 +37,20 @@ def _estimates(model, variables, batch, num, **options):
 
 
 @pytest.mark.parametrize("variant", ["np", "inp"])
-def test_jvp_estimate_is_unbiased(small_net, variant):
-    model, variables, batch, true = small_net
+def test_jvp_estimate_is_unbiased(net, variant):
+    model, variables, batch, true = net
     est = _estimates(model, variables, batch, 3000, variant=variant, mode="jvp", sigma=1e-3)
     mean = jax.tree.map(lambda a: a.mean(0), est)
     assert _cos(mean, true) > 0.99
     # The magnitude is right too. Batch-averaging dl before use (the classic bug) would shrink
     # the expected estimate by the batch size (32 here) while leaving its direction unchanged.
-    ratio = float(jnp.linalg.norm(_flat(mean)) / jnp.linalg.norm(_flat(true)))
+    ratio = float(jnp.linalg.norm(flat(mean)) / jnp.linalg.norm(flat(true)))
     assert 0.9 < ratio < 1.1, ratio
 
 
-def test_per_sample_loss_difference_is_not_batch_averaged(small_net):
+def test_per_sample_loss_difference_is_not_batch_averaged(net):
     """With a single sample's loss changed, only that sample's error signal may change."""
-    model, variables, (x, y), _ = small_net
+    model, variables, (x, y), _ = net
     rule = rules.make_rule("node_perturbation", model, TASK, optax.sgd(0.1), mode="jvp")
     # Flip the label of sample 0 only: e_n for n != 0 depends on dl_n alone, so the update
     # from samples 1.. must be identical. Drop sample 0's input to isolate the others.
@@ -74,8 +66,8 @@ def test_per_sample_loss_difference_is_not_batch_averaged(small_net):
 
 
 @pytest.mark.parametrize("variant", ["np", "anp", "inp"])
-def test_finite_difference_agrees_with_jvp_per_sample(small_net, variant):
-    model, variables, batch, _ = small_net
+def test_finite_difference_agrees_with_jvp_per_sample(net, variant):
+    model, variables, batch, _ = net
     fd = _estimates(model, variables, batch, 4, variant=variant, sigma=1e-3)
     jvp = _estimates(model, variables, batch, 4, variant=variant, mode="jvp", sigma=1e-3)
     for i in range(4):
@@ -168,9 +160,9 @@ def test_every_variant_learns(case):
             **VARIANT_CASES[case],
         },
     )
-    _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-    assert float(metrics["eval"]["train_loss"]) < 0.7
-    assert float(metrics["eval"]["test_accuracy"]) > 0.8
+    metrics = run_program(config, 0, eval_at=[5])
+    assert float(metrics["train_loss"][-1]) < 0.7
+    assert float(metrics["test_accuracy"][-1]) > 0.8
 
 
 def test_activity_based_np_learns_in_a_noisy_system_where_np_fails():
@@ -189,8 +181,8 @@ def test_activity_based_np_learns_in_a_noisy_system_where_np_fails():
             },
         )
         config.model.intrinsic_noise = 0.05
-        _, metrics = jax.jit(make_train(config))(jax.random.PRNGKey(0))
-        return float(metrics["eval"]["test_accuracy"])
+        metrics = run_program(config, 0, eval_at=[5])
+        return float(metrics["test_accuracy"][-1])
 
     assert run("anp", 1e-6) > 0.8
     assert run("np", 1e-2) < 0.5
@@ -207,8 +199,8 @@ def test_activity_based_np_learns_in_a_noisy_system_where_np_fails():
         ({"rng_partitionable": "fast"}, "valid choices: auto, on, off, jax"),
     ],
 )
-def test_bad_options_are_clear_errors(small_net, options, match):
-    model = small_net[0]
+def test_bad_options_are_clear_errors(net, options, match):
+    model = net[0]
     with pytest.raises(ValueError, match=match):
         rules.make_rule("node_perturbation", model, TASK, optax.sgd(0.1), **options)
 
@@ -220,10 +212,10 @@ def test_node_perturbation_refuses_a_forward_only_model():
 
 
 @pytest.mark.parametrize("rule", ["node_perturbation", "weight_perturbation", "forward_gradient"])
-def test_noise_is_drawn_in_the_configured_threefry_mode(small_net, rule):
+def test_noise_is_drawn_in_the_configured_threefry_mode(net, rule):
     """``rng_partitionable``: "auto" is the classic threefry on CPU (bit-identical estimates to
     "off"); "on" draws another noise stream; both stay unbiased-shaped estimates."""
-    model, variables, batch, true = small_net
+    model, variables, batch, true = net
     key = jax.random.PRNGKey(5)
     est = {}
     for mode in ("auto", "off", "on"):
@@ -231,9 +223,9 @@ def test_noise_is_drawn_in_the_configured_threefry_mode(small_net, rule):
             rule, model, TASK, optax.sgd(0.1), rng_partitionable=mode, num_noise_samples=1
         )
         state = r.init(key, variables)
-        est[mode] = _flat(jax.jit(r.estimate)(key, variables, state, batch)[0])
+        est[mode] = flat(jax.jit(r.estimate)(key, variables, state, batch)[0])
     assert jax.default_backend() == "cpu"
     np.testing.assert_array_equal(est["auto"], est["off"])
     assert not np.allclose(est["on"], est["off"])
     for mode in ("off", "on"):  # one sample of each still points along the gradient
-        assert float(jnp.vdot(est[mode], _flat(true))) > 0
+        assert float(jnp.vdot(est[mode], flat(true))) > 0

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import small_problem, tiny_config
-from test_cli import run_binary
+from conftest import flat, run_binary, small_problem, step_by_hand, tiny_config
 
 from altlearn import losses, rules, runner
 
@@ -28,30 +27,11 @@ def _persistent(problem, **options):
     return rules.make_rule("persistent", model, TASK, optax.sgd(LR), data, **options)
 
 
-def _run(rule, variables, batches, steps):
-    """``steps`` steps on the batches in turn (step t's key: fold_in(PRNGKey(5), t)); returns
-    the variables, state and metrics after each."""
-    key = jax.random.PRNGKey(5)
-    state = rule.init(jax.random.PRNGKey(1), variables)
-    step = jax.jit(rule.step)
-    out = []
-    for t in range(steps):
-        variables, state, metrics = step(
-            jax.random.fold_in(key, t), variables, state, batches[t % len(batches)]
-        )
-        out.append((variables, state, metrics))
-    return out
-
-
-def _flat(tree):
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
-
-
 def _layer_distance(a, b):
     """The rule's parameter distance: per layer, squared distance over parameter count."""
     total = 0.0
     for name in a:
-        da, db = _flat(a[name]), _flat(b[name])
+        da, db = flat(a[name]), flat(b[name])
         total += float(jnp.sum(jnp.square(da - db))) / da.size
     return total**0.5
 
@@ -68,14 +48,16 @@ def test_the_penalty_pushes_away_from_a_stored_end_point(problem, penalty, dista
     options.update(width=0.05, power=1.0)
     after = {}
     for strength in (0.0, 3.0):
-        runs = _run(_persistent(problem, strength=strength, **options), variables, batches, 4)
+        runs = step_by_hand(
+            _persistent(problem, strength=strength, **options), variables, batches, 4
+        )
         end_point = runs[2][0]["params"]  # the end of iteration 0
         after[strength] = runs[3][0]["params"]  # iteration 1's first step from theta_0
         stored = runs[3][1].train.estimator.ends
         assert int(stored.count) == 1
         jax.tree.map(lambda b, p: np.testing.assert_array_equal(b[0], p), stored.params, end_point)
-    push = _flat(after[3.0]) - _flat(after[0.0])
-    away = _flat(variables["params"]) - _flat(end_point)
+    push = flat(after[3.0]) - flat(after[0.0])
+    away = flat(variables["params"]) - flat(end_point)
     cosine = float(jnp.vdot(push, away) / (jnp.linalg.norm(push) * jnp.linalg.norm(away)))
     assert float(jnp.linalg.norm(push)) > 0
     assert cosine > 0.1, cosine
@@ -93,7 +75,9 @@ def test_partial_selection_moves_only_the_selected_parameters(problem, penalty, 
     options = dict(num_iterations=2, iteration_steps=3, penalty=penalty, width=1.0, **selection)
     steps = {}
     for strength in (0.0, 3.0):
-        runs = _run(_persistent(problem, strength=strength, **options), variables, batches, 4)
+        runs = step_by_hand(
+            _persistent(problem, strength=strength, **options), variables, batches, 4
+        )
         steps[strength] = runs[3][0]["params"]
     for name in model.layer_names:
         for leaf in ("kernel", "bias"):
@@ -117,7 +101,7 @@ def test_lambda_zero_is_the_inner_rule_restarted_from_the_same_start(problem, in
     reported params are the one with the lowest validation loss."""
     model, variables, data, batches = problem
     options = dict(num_iterations=3, iteration_steps=4, strength=0.0, inner=inner)
-    runs = _run(_persistent(problem, **options), variables, batches, 13)
+    runs = step_by_hand(_persistent(problem, **options), variables, batches, 13)
     plain = rules.make_rule(inner, model, TASK, optax.sgd(LR), {})
     key = jax.random.PRNGKey(5)
     ends = []
@@ -155,7 +139,7 @@ def test_lambda_zero_is_the_inner_rule_restarted_from_the_same_start(problem, in
 def test_annealing_brings_lambda_to_zero_over_the_end_of_each_iteration(problem):
     _, variables, _, batches = problem
     rule = _persistent(problem, num_iterations=2, iteration_steps=4, anneal_fraction=0.5)
-    strengths = [float(m["strength"]) for _, _, m in _run(rule, variables, batches, 8)]
+    strengths = [float(m["strength"]) for _, _, m in step_by_hand(rule, variables, batches, 8)]
     np.testing.assert_allclose(strengths, [1.0, 1.0, 1.0, 0.5] * 2, rtol=1e-6)
 
 
@@ -197,7 +181,7 @@ def test_resume_in_the_middle_of_an_iteration_gives_identical_numbers(tmp_path):
         (dict(num_iterations=0), "num_iterations must be >= 1"),
         (dict(strength=-1.0), "strength .lambda. must be >= 0"),
         (dict(width=0.0), "width must be > 0"),
-        (dict(inner="pso"), "not gradient-like; valid choices: backprop, node_perturbation"),
+        (dict(inner="pso"), "no gradient estimate; valid choices: backprop, node_perturbation"),
         (dict(inner="hebbian"), "Unknown rule 'hebbian'; valid choices"),
         (dict(penalty="cosine"), "valid choices: gaussian, inverse, deflation"),
         (dict(distance="kl"), "valid choices: parameter, function"),
@@ -207,7 +191,7 @@ def test_resume_in_the_middle_of_an_iteration_gives_identical_numbers(tmp_path):
         ),
         (dict(layers=("layer_0",), neurons=(8,)), "layer 'layer_0' has neurons 0..7"),
         (dict(neurons=(1,)), "give exactly one layer"),
-        (dict(inner_options={"sigma": 1.0}), "Unknown option"),
+        (dict(inner={"name": "backprop", "sigma": 1.0}), "Unknown option"),
     ],
 )
 def test_bad_options_are_clear_errors(problem, options, message):
@@ -221,6 +205,7 @@ def test_needs_a_validation_split(problem):
         rules.make_rule("persistent", model, TASK, optax.sgd(LR), {"train": data["train"]})
 
 
+@pytest.mark.slow
 def test_binary_runs_the_config_with_the_inner_rule_switched(tmp_path):
     """experiments.train on experiments/configs/persistent.py, the inner rule switched from the
     command line (its options at their defaults, an explicit one applied): the run ends with the
@@ -228,16 +213,16 @@ def test_binary_runs_the_config_with_the_inner_rule_switched(tmp_path):
     result = run_binary(
         tmp_path,
         "--config=experiments/configs/persistent.py",
-        "--config.rule.inner_options.num_noise_samples=2",
-        "--config.rule.inner=node_perturbation",
+        "--config.rule.inner.num_noise_samples=2",
+        "--config.rule.inner.name=node_perturbation",
         "--config.rule.iteration_steps=5",
         "--config.steps=20",
         "--config.eval_every=10",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["rule"]["inner"] == "node_perturbation"
-    assert config["rule"]["inner_options"] == {
+    assert config["rule"]["inner"] == {
+        "name": "node_perturbation",
         **rules.options_of("node_perturbation"),
         "num_noise_samples": 2,
     }
@@ -273,5 +258,6 @@ def test_cost_counts_the_probe_passes_in_training_batches(problem):
     per stored end point (K - 1), in batches of the training batch size."""
     model = problem[0]
     options = {"distance": "function", "num_iterations": 3, "probe_size": 128}
-    assert rules.step_cost("persistent", model, options, batch_size=64) == 3.0 + 3.0 * 2 * 2
-    assert rules.step_cost("persistent", model, {}, batch_size=64) == 3.0  # parameter distance
+    cost = lambda **o: rules.resolve({"name": "persistent", **o}).cost(model, rules.Sizes(64))
+    assert cost(**options) == 3.0 + 3.0 * 2 * 2
+    assert cost() == 3.0  # parameter distance

@@ -9,20 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FIGURES, ROOT, figures, tiny_config
 
 from altlearn import data, runner
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "configs"))
 import population  # noqa: E402
-
-FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
-
-
-def _figures(workdir):
-    summary = json.loads((Path(workdir) / "summary.json").read_text())
-    return {k: summary[k] for k in FIGURES}
 
 
 def _checkpoints(workdir):
@@ -113,7 +105,7 @@ def test_damaged_newest_checkpoint_resumes_from_an_older_one(tmp_path, caplog):
     assert len(skipped) == 1 and "at step 30: unreadable (" in skipped[0], skipped
     assert "\n" not in skipped[0]
     assert any("Resumed from the checkpoint at step 20" in r.getMessage() for r in caplog.records)
-    assert _figures(cut) == _figures(tmp_path / "whole")
+    assert figures(cut) == figures(tmp_path / "whole")
     assert (cut / "checkpoints.unreadable" / "30").is_dir()  # moved aside, not deleted
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 10, 20, 30, 40]
@@ -176,7 +168,7 @@ def test_sharded_population_rule_runs_and_resumes_through_the_runner(tmp_path, m
     assert _checkpoints(cut) == [0, 2] and not (cut / "summary.json").exists()
     runner.run(sharded, cut)  # resumes at step 2: two more chunks
 
-    assert _figures(cut) == _figures(whole)  # a resumed sharded run is bit-exact
-    a, b = _figures(single), _figures(whole)
+    assert figures(cut) == figures(whole)  # a resumed sharded run is bit-exact
+    a, b = figures(single), figures(whole)
     assert b["step"] == 6
     np.testing.assert_allclose([b[k] for k in FIGURES], [a[k] for k in FIGURES], rtol=1e-5)

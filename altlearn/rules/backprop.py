@@ -19,6 +19,7 @@ from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
     RuleSpec,
+    Sizes,
     Splits,
     batch_loss,
     gradient_rule,
@@ -44,17 +45,15 @@ def backprop(
     return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
-    """One forward and one backward pass (2)."""
-    del model, options
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
+    """One forward pass (1) and one backward pass (2)."""
+    del model, options, sizes
     return 3.0
 
 
 SPEC = RuleSpec(
     backprop,
-    needs_layered=False,
     summary="exact gradient by jax.grad; DBP on a decorrelated model",
     source="baseline",
     cost=cost,
-    gradient_like=True,
 )

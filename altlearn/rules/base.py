@@ -12,7 +12,7 @@ own local rule. ``state`` is a pytree whose structure, shapes and dtypes never c
 steps (it is a ``lax.scan`` carry). ``metrics`` is a dict of scalars; ``'loss'`` (the batch loss
 before the step) is always present.
 
-``data`` holds the whole data splits a rule declares in its ``RuleSpec.splits`` (``'train'``,
+``data`` holds the whole data splits a rule declares in its ``RuleSpec.needs`` (``'train'``,
 ``'val'``) as device arrays ``(x, y)``: a rule that scores on the validation split or measures
 on a fixed probe batch gets them here, inside the compiled step, without reaching into the
 training loop. The test split is never offered. Rules that declare none get an empty mapping.
@@ -70,6 +70,10 @@ class LearningRule(NamedTuple):
     # evaluation record. Evaluation only: it cannot change the state, so the test split it sees
     # never feeds back into training.
     report: Callable[[Variables, Any, dict[str, EvalSplit]], Metrics] | None = None
+    # Optional: phase_step(t) -> bool, whether the step that brings the step count to t
+    # (counted from 1) runs the rule's occasional expensive phase (hybrid's evolution phase):
+    # the runner runs each such step as a compiled chunk of its own and reports its wall time.
+    phase_step: Callable[[int], bool] | None = None
 
 
 def never(options: dict[str, Any]) -> bool:
@@ -82,46 +86,66 @@ def always(options: dict[str, Any]) -> bool:
     return True
 
 
-class RuleSpec(NamedTuple):
-    """A registry entry: how to build a rule, what it needs and what a step costs.
+class Sizes(NamedTuple):
+    """What a step's cost is counted against: samples per training batch and per data split
+    (0 where the caller does not know the data)."""
 
-    ``cost(model, options)`` is the work of one step in forward-pass equivalents over the step's
-    batch (a backward or jvp pass counts 2), from the model and the rule's options (a dict of
-    every option, defaults filled in); equal-compute comparisons and tables read it.
-    ``splits`` names the data splits the factory receives whole (``SPLITS``).
-    ``wants_x64(options)``: whether the rule solves in float64 where the platform has it (the
-    binaries then turn JAX's 64-bit mode on, ``altlearn.train.configure_jax``).
-    ``gradient_like``: the rule's ``LearningRule.estimate`` gives a gradient estimate that a
-    wrapping rule (``persistent``) may use. ``nested``: pairs ``(options_key, rule_key)`` where
-    the option ``options_key`` holds the options of the rule named by option ``rule_key``
-    (filled with that rule's defaults in configs, so ``--config.rule.<options_key>.X`` works).
-    ``phase_step(options, t)``: whether the step that brings the step count to ``t`` (counted
-    from 1) runs the rule's occasional expensive phase (hybrid's evolution phase); the runner
-    runs each such step as a compiled chunk of its own and reports its wall time
-    (``altlearn.runner``). None: the rule has no phases.
+    batch: int
+    train: int = 0
+    val: int = 0
+
+
+NEEDS = ("layered", *SPLITS)  # what a RuleSpec may declare in ``needs``
+
+
+class NeedsEstimate(ValueError):
+    """Raised by a combinator whose inner rule gives no gradient estimate; the registry adds
+    the rules that do (``altlearn.rules.Rule``)."""
+
+
+class RuleSpec(NamedTuple):
+    """A registry entry: how to build a rule, what it needs and what a step costs. Each field is
+    read by the generic machinery (binaries, the training program, docs, conformance tests).
+
+    ``factory(model, task, optimizer, data, **options)`` builds the ``LearningRule``; its keyword
+    arguments are the rule's options and their defaults (floats are sweepable). An option whose
+    default is another rule's factory takes a rule (a combinator's inner rule).
+    ``summary`` and ``source``: the README row (one line; the paper, or 'baseline').
+    ``cost(model, options, sizes)``: the work of one step in forward-pass equivalents over the
+    step's batch (a backward or jvp pass counts 2), from the model, the rule's options (every
+    option, defaults filled in) and ``Sizes`` (batch and split sizes, for a rule that also
+    evaluates other data); equal-compute comparisons and tables read it.
+    ``needs``: ``"layered"`` for a rule that reads layer inputs and pre-activations (a
+    ``LayeredModel``), and the data splits the factory receives whole (``"train"``, ``"val"``).
     ``uses_optimizer(options)``: whether the rule applies the configured optax optimizer (a
     swarm moves the parameters itself); where it does not, the ``optimizer.*`` keys are no
-    hyperparameters of it (not swept, not tuned).
+    hyperparameters of it (not swept, not tuned). A conformance test checks it against what the
+    rule does.
+    ``wants_x64(options)``: whether the rule solves in float64 where the platform has it (the
+    binaries then turn JAX's 64-bit mode on before anything is built,
+    ``altlearn.train.configure_jax``).
     """
 
-    factory: Callable[..., LearningRule]  # factory(model, task, optimizer, data, **options)
-    needs_layered: bool  # needs a LayeredModel (layer inputs / pre-activations)
-    summary: str  # one line for the README table
-    source: str  # the paper (or 'baseline')
-    cost: Callable[[Any, dict[str, Any]], float]  # forward-pass equivalents per step
-    splits: tuple[str, ...] = ()
-    wants_x64: Callable[[dict[str, Any]], bool] = never
-    gradient_like: bool = False
-    nested: tuple[tuple[str, str], ...] = ()
-    phase_step: Callable[[dict[str, Any], int], bool] | None = None
+    factory: Callable[..., LearningRule]
+    summary: str
+    source: str
+    cost: Callable[[Any, dict[str, Any], Sizes], float]
+    needs: tuple[str, ...] = ()
     uses_optimizer: Callable[[dict[str, Any]], bool] = always
+    wants_x64: Callable[[dict[str, Any]], bool] = never
 
 
-def rule_options(spec: RuleSpec) -> dict[str, Any]:
-    """A rule's options with their defaults (the factory's arguments after model, task,
-    optimizer and data)."""
-    params = list(inspect.signature(spec.factory).parameters.values())[4:]
-    return {p.name: p.default for p in params}
+def factory_options(factory: Callable[..., LearningRule]) -> dict[str, Any]:
+    """The options a rule factory value builds with: a resolved ``Rule``'s ``options``, else the
+    factory's keyword defaults (after model, task, optimizer and data) updated by a
+    ``functools.partial``'s keywords."""
+    options = getattr(factory, "options", None)
+    if options is not None:
+        return dict(options)
+    keywords = dict(getattr(factory, "keywords", None) or {})
+    target = getattr(factory, "func", factory)
+    params = list(inspect.signature(target).parameters.values())[4:]
+    return {**{p.name: p.default for p in params}, **keywords}
 
 
 def is_concrete(value: Any) -> bool:
@@ -168,7 +192,9 @@ def with_rng_mode(rule: LearningRule, setting: str) -> LearningRule:
 
         return wrapped
 
-    return LearningRule(*(scoped(fn) for fn in rule))  # every field is a function or None
+    return rule._replace(
+        init=scoped(rule.init), step=scoped(rule.step), estimate=scoped(rule.estimate)
+    )
 
 
 def check_count(name: str, value: Any) -> None:

@@ -60,7 +60,16 @@ from absl import logging
 
 from altlearn.losses import Task
 from altlearn.models import Model
-from altlearn.rules.base import Batch, LearningRule, Metrics, RuleSpec, Splits, Variables, never
+from altlearn.rules.base import (
+    Batch,
+    LearningRule,
+    Metrics,
+    RuleSpec,
+    Sizes,
+    Splits,
+    Variables,
+    never,
+)
 
 DTYPES = ("auto", "float64", "float32")
 SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu")
@@ -363,12 +372,12 @@ def _check_model(model: Model, task: Task) -> None:
         raise ValueError(f"{supported}; here {', '.join(problems)}.")
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """An alternation in forward-pass equivalents, by FLOPs: the hidden normal matrix
     (2 n (h(d+1))^2), two output solves' Gram matrices (2 n (h+1)^2 each) and two forward passes
     (2 n (d h + h K) each), over one forward pass; a line-search trial adds an output solve and
     a forward pass, and the Cholesky ((h(d+1))^3 / 3, independent of n) is not counted."""
-    del options
+    del options, sizes
     d = math.prod(model.input_shape or (0,))
     h = int(model.layers[0].module.features)
     k = int(model.layers[-1].module.features)
@@ -378,12 +387,12 @@ def cost(model: Model, options: dict[str, Any]) -> float:
 
 SPEC = RuleSpec(
     closed_form,
-    needs_layered=True,
     summary="two-layer ReLU/leaky MLP, square loss: alternating closed-form solves of the "
     "output layer (ridge) and the hidden layer (activation pattern frozen, block-structured "
     "normal equations, Cholesky), backtracked so the loss never rises; float64, full batch",
     source="paper 002 (Barbu, arXiv 2304.02972)",
     cost=cost,
+    needs=("layered",),
     wants_x64=lambda options: options.get("dtype", "auto") != "float32",
     uses_optimizer=never,
 )

@@ -92,6 +92,7 @@ from altlearn.rules.base import (
     LearningRule,
     Metrics,
     RuleSpec,
+    Sizes,
     Splits,
     Variables,
     check_count,
@@ -333,17 +334,16 @@ def evolution(
     return with_rng_mode(rule, rng_partitionable)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The incoming params' loss and one evaluation per member (every sub-population's, for
     the Stein-variational strategies)."""
-    del model
+    del model, sizes
     means = int((options["strategy_kwargs"] or {}).get("num_populations", 1))
     return 1.0 + int(options["population_size"]) * means
 
 
 SPEC = RuleSpec(
     evolution,
-    needs_layered=False,
     summary="any evosax strategy (Open_ES, SNES, Sep_CMA_ES, PGPE, PSO, DE, GAs, ...) over the "
     "whole params pytree; fitness = batch loss in one vmap (chunked, sharded)",
     source="evosax (Lange 2023)",

@@ -26,6 +26,7 @@ from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
     RuleSpec,
+    Sizes,
     Splits,
     batch_loss,
     check_count,
@@ -82,17 +83,15 @@ def forward_gradient(
     return with_rng_mode(rule, rng_partitionable)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """One jvp pass (2) per tangent."""
-    del model
+    del model, sizes
     return 2.0 * int(options["num_noise_samples"])
 
 
 SPEC = RuleSpec(
     forward_gradient,
-    needs_layered=False,
     summary="weight-space directional derivative along a random tangent (one jvp)",
     source="Baydin et al. 2022 (arXiv 2202.08587)",
     cost=cost,
-    gradient_like=True,
 )

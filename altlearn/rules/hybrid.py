@@ -51,7 +51,7 @@ the runner averages them over the phase steps of a chunk) ``accepted``, ``val_lo
 evaluation (``rule/...``): ``phases``, ``accepted_phases`` and ``acceptance_rate`` so far. The
 phase's wall time cannot be measured inside the compiled step: the training runner runs each
 phase step as a chunk of its own and records ``phase_step_time_s`` and ``phase_time_s``
-(``RuleSpec.phase_step``, ``altlearn.runner``).
+(``LearningRule.phase_step``, ``altlearn.runner``).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from altlearn.rules._evosax import (
     build_strategy,
     check_strategy_options,
     param_fields,
+    strategy_class,
     strong,
 )
 from altlearn.rules._population import (
@@ -79,10 +80,12 @@ from altlearn.rules._population import (
     evaluate_population,
     population_sharding,
 )
+from altlearn.rules.backprop import backprop
 from altlearn.rules.base import (
     Batch,
     LearningRule,
     RuleSpec,
+    Sizes,
     Splits,
     Variables,
     batch_loss,
@@ -163,8 +166,6 @@ def hybrid(
     generation's first offspring replaces the parent whatever its loss, the same perturbations
     without selection; ``shard`` / ``memory_budget_mb``: how offspring are evaluated.
     """
-    from altlearn import rules  # the registry (imported late: it imports this module)
-
     check_count("es_every", es_every)
     check_count("es_generations", es_generations)
     check_count("population_size", population_size)
@@ -209,7 +210,7 @@ def hybrid(
     if count < 1:
         raise ValueError("hybrid: the validation split is empty; set data.validation_fraction > 0.")
     val = (x_val[:count], y_val[:count])
-    backprop = rules.make_rule("backprop", model, task, optimizer, {})
+    train_rule = backprop(model, task, optimizer, {})
     layer_names = list(getattr(model, "layer_names", None) or [])
     if layer_names:
         select_layers(layer_names, tuple(layers))  # a pattern that matches nothing: now
@@ -333,18 +334,18 @@ def hybrid(
         variables = jax.tree.map(lambda n, o: jnp.where(accepted, n, o), result, p.variables)
         train = p.train
         if on_accept == "reset":
-            fresh = backprop.init(key, variables)._replace(count=p.train.count)
+            fresh = train_rule.init(key, variables)._replace(count=p.train.count)
             train = jax.tree.map(lambda n, o: jnp.where(accepted, n, o), fresh, p.train)
         after = jnp.minimum(best_f, parent) if select else best_f
         return Phase(variables, train, accepted, parent, after)
 
     def init(key: jax.Array, variables: Variables) -> HybridState:
         zero = jnp.zeros((), jnp.int32)
-        return HybridState(zero, backprop.init(key, variables), zero, zero)
+        return HybridState(zero, train_rule.init(key, variables), zero, zero)
 
     def step(key, variables, state: HybridState, batch: Batch):
         key_bp, key_es = jax.random.split(key)
-        variables, train, metrics = backprop.step(key_bp, variables, state.train, batch)
+        variables, train, metrics = train_rule.step(key_bp, variables, state.train, batch)
         t = state.step + 1
         due = is_phase_step(es_every, final_phase_step, t)
         nan = jnp.full((), jnp.nan, jnp.float32)
@@ -374,7 +375,9 @@ def hybrid(
             "acceptance_rate": state.accepted / jnp.maximum(state.phases, 1),
         }
 
-    return LearningRule(init, step, report=report)
+    final = int(final_phase_step)
+    phase_step = lambda t: bool(is_phase_step(es_every, final, int(t)))
+    return LearningRule(init, step, report=report, phase_step=phase_step)
 
 
 def phase_cost(
@@ -389,8 +392,6 @@ def phase_cost(
     populations = generations
     strategy = options["strategy"]
     if strategy != ELITIST:
-        from altlearn.rules._evosax import strategy_class
-
         if issubclass(strategy_class(strategy), PopulationBasedAlgorithm):
             populations += 1
     samples = int(options["val_size"]) if val_samples is None else int(val_samples)
@@ -407,33 +408,25 @@ def is_phase_step(es_every: int, final_phase_step: int, t: Any) -> Any:
     return (t % es_every == 0) | ((final_phase_step > 0) & (t == final_phase_step))
 
 
-def cost(
-    model: Model,
-    options: dict[str, Any],
-    batch_size: int | None = None,
-    split_sizes: dict[str, int] | None = None,
-) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """A backprop step (3) plus one evolution phase's forward passes every ``es_every`` steps
     (``phase_cost``), counting the validation samples a phase scores: ``val_size`` at most the
-    split's size where ``split_sizes`` gives it, else the nominal ``val_size``."""
+    split's size where ``sizes.val`` gives it, else the nominal ``val_size``."""
     del model
     val_samples = None
-    if split_sizes and "val" in split_sizes:
-        n_val, asked = int(split_sizes["val"]), int(options["val_size"])
-        val_samples = n_val if asked == 0 else min(asked, n_val)
-    return 3.0 + phase_cost(options, batch_size, val_samples) / int(options["es_every"])
+    if sizes.val > 0:
+        asked = int(options["val_size"])
+        val_samples = sizes.val if asked == 0 else min(asked, sizes.val)
+    batch = sizes.batch or None
+    return 3.0 + phase_cost(options, batch, val_samples) / int(options["es_every"])
 
 
 SPEC = RuleSpec(
     hybrid,
-    needs_layered=False,
     summary="backprop with an evolution phase every es_every steps: (1 + lambda) elitist ES "
     "(or any evosax strategy) in per-layer relative noise, scored on the validation split; "
     "all or chosen layers",
     source="paper 004 (Lopes & Fazendeiro, arXiv 2005.04153); ESGD (Cui et al. 2018)",
     cost=cost,
-    splits=("val",),
-    phase_step=lambda options, t: is_phase_step(
-        int(options["es_every"]), int(options["final_phase_step"]), t
-    ),
+    needs=("val",),
 )

@@ -53,6 +53,7 @@ from altlearn.rules.base import (
     LearningRule,
     Metrics,
     RuleSpec,
+    Sizes,
     Splits,
     Variables,
     batch_loss,
@@ -318,20 +319,21 @@ def neuron_pso(
     return LearningRule(init, step)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The incoming params' loss, and the positions and personal bests of every neuron's swarm,
     each counted as one network evaluation (the downstream-only evaluation is cheaper than that,
     docs/BENCHMARKS.md measures how much; the per-layer context passes are not counted)."""
+    del sizes
     neurons = sum(int(getattr(layer.module, "features", 0)) for layer in model.layers)
     return 1.0 + 2.0 * int(options["particles_per_neuron"]) * neurons
 
 
 SPEC = RuleSpec(
     neuron_pso,
-    needs_layered=True,
     summary="a cooperative swarm per neuron (Jacobi or Gauss-Seidel), neurons x particles in "
     "one vmap, downstream-only evaluation",
     source="paper 000 (Kumar, arXiv 2412.05667)",
     cost=cost,
+    needs=("layered",),
     uses_optimizer=never,
 )

@@ -62,6 +62,7 @@ from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
     RuleSpec,
+    Sizes,
     Splits,
     check_count,
     check_positive,
@@ -229,9 +230,10 @@ def node_perturbation(
     return with_rng_mode(rule, rng_partitionable)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The clean pass and, per noise sample, one noisy pass (inp: one per layer); in jvp mode a
     noisy pass is a jvp pass (2). The layer-local weight products are not counted."""
+    del sizes
     noisy = model.num_layers if options["variant"] == "inp" else 1
     per_pass = 2 if options["mode"] == "jvp" else 1
     return 1.0 + per_pass * int(options["num_noise_samples"]) * noisy
@@ -239,10 +241,9 @@ def cost(model: Model, options: dict[str, Any]) -> float:
 
 SPEC = RuleSpec(
     node_perturbation,
-    needs_layered=True,
     summary="noise on every pre-activation, learning from the per-sample loss change "
     "(variants np, anp, inp; finite difference or jvp); DNP/DANP/DINP on a decorrelated model",
     source="paper 003 (Dalm et al., arXiv 2310.00965)",
     cost=cost,
-    gradient_like=True,
+    needs=("layered",),
 )

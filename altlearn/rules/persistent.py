@@ -36,9 +36,10 @@ plain loss, as for the additive forms. Iteration 0 is plain training.
   keeps the current values of the unselected parameters, so d measures what the selected ones
   change. Hidden units can be permuted without changing the function, so a far parameter vector
   can be the same solution: both distances are reported.
-- The inner rule estimates the gradient g of L_data (any gradient-like rule: ``inner`` and its
-  ``inner_options``); the penalty's gradient is exact (``jax.grad``; through the probe batch for
-  the function distance) and is added to the estimate. For deflation the estimate becomes
+- The inner rule estimates the gradient g of L_data (any gradient-like rule, ``inner``: in a
+  config the section ``rule.inner``, its name and options); the penalty's gradient is exact
+  (``jax.grad``; through the probe batch for the function distance) and is added to the
+  estimate. For deflation the estimate becomes
   g + L grad log M (L the batch loss, M the factor): the gradient of L M divided by M > 0, so the
   same descent directions and stationary points as L M, without M's scale, which grows without
   bound near a stored end point and would blow up a plain SGD step (our decision). Then the
@@ -73,16 +74,20 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import Model
+from altlearn.rules.backprop import backprop
 from altlearn.rules.base import (
     Batch,
     EvalSplit,
     LearningRule,
+    NeedsEstimate,
     RuleSpec,
+    Sizes,
     Splits,
     Variables,
     batch_loss,
     check_count,
     check_positive,
+    factory_options,
     gradient_rule,
     is_concrete,
     map_chunks,
@@ -169,8 +174,7 @@ def persistent(
     task: Task,
     optimizer: optax.GradientTransformation,
     data: Splits,
-    inner: str = "backprop",
-    inner_options: dict | None = None,
+    inner: Any = backprop,
     num_iterations: int = 3,
     iteration_steps: int = 1000,
     penalty: str = "gaussian",
@@ -187,25 +191,17 @@ def persistent(
 ) -> LearningRule:
     """Persistent training (paper 001; the penalties of the module docstring).
 
-    ``inner``: the gradient-like rule that estimates the data-loss gradient (backprop,
-    node_perturbation, forward_gradient, weight_perturbation), with ``inner_options`` (its own
-    options; None: its defaults). ``num_iterations`` K restarts of ``iteration_steps`` steps each
-    (a run of K x iteration_steps steps). ``penalty`` phi (gaussian, inverse, deflation),
-    ``distance`` d (parameter, function), ``strength`` lambda >= 0, ``width`` tau > 0 (gaussian),
-    ``power`` p > 0 (inverse, deflation), ``epsilon`` > 0 (inverse), ``alpha`` > 0 (deflation),
-    ``layers`` / ``neurons`` the persistent parameters P, ``anneal_fraction`` in [0, 1],
-    ``probe_size`` training inputs for the function distance. lambda, tau, p, epsilon, alpha
-    and the anneal fraction are sweepable floats; the rest is structural.
+    ``inner``: the gradient-like rule that estimates the data-loss gradient, as a factory
+    (``backprop``, a ``functools.partial`` of a factory with options, or a resolved
+    ``altlearn.rules.Rule``; in a config, the section ``rule.inner``). ``num_iterations`` K
+    restarts of ``iteration_steps`` steps each (a run of K x iteration_steps steps).
+    ``penalty`` phi (gaussian, inverse, deflation), ``distance`` d (parameter, function),
+    ``strength`` lambda >= 0, ``width`` tau > 0 (gaussian), ``power`` p > 0 (inverse,
+    deflation), ``epsilon`` > 0 (inverse), ``alpha`` > 0 (deflation), ``layers`` / ``neurons``
+    the persistent parameters P, ``anneal_fraction`` in [0, 1], ``probe_size`` training inputs
+    for the function distance. lambda, tau, p, epsilon, alpha and the anneal fraction are
+    sweepable floats; the rest is structural.
     """
-    from altlearn import rules  # the registry (imported late: it imports this module)
-
-    spec = rules.get_rule_spec(inner)
-    if not spec.gradient_like:
-        valid = [name for name, s in rules.RULES.items() if s.gradient_like]
-        raise ValueError(
-            f"persistent: inner rule {inner!r} is not gradient-like; valid choices: "
-            f"{', '.join(valid)}."
-        )
     if penalty not in PENALTIES:
         raise ValueError(f"Unknown penalty {penalty!r}; valid choices: {', '.join(PENALTIES)}.")
     if distance not in DISTANCES:
@@ -221,12 +217,12 @@ def persistent(
         raise ValueError(f"anneal_fraction must be in [0, 1], got {anneal_fraction}.")
     layers, neurons = tuple(layers), tuple(int(j) for j in neurons)
     _check_selection(model, layers, neurons)
-    inner_options = rules.check_options(inner, dict(inner_options or {}))
     # The inner rule only estimates the data-loss gradient; this rule's optimizer applies the
     # penalised estimate (the identity keeps the inner rule from holding optimizer state).
-    estimator = rules.make_rule(
-        inner, model, task, optax.identity(), {s: data[s] for s in spec.splits}, **inner_options
-    )
+    estimator = inner(model, task, optax.identity(), data)
+    if estimator.estimate is None:
+        name = getattr(inner, "name", getattr(inner, "__name__", repr(inner)))
+        raise NeedsEstimate(f"persistent: inner rule {name!r} gives no gradient estimate")
     num_iterations, iteration_steps = int(num_iterations), int(iteration_steps)
     x_probe = data["train"][0][:probe_size]  # [probe, ...]
     val = data["val"]
@@ -299,7 +295,7 @@ def persistent(
             estimator.init(key, variables), empty_ends(variables["params"]), jnp.zeros(()), metrics
         )
 
-    options = rules.check_options(inner, inner_options)
+    options = factory_options(inner)  # the inner rule's decorrelation settings
     train = gradient_rule(
         estimate,
         optimizer,
@@ -407,28 +403,23 @@ def persistent(
     return LearningRule(init, step, report=report)
 
 
-def cost(model: Model, options: dict[str, Any], batch_size: int | None = None) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The inner rule's step; for the function distance also a forward and a backward pass of
     the probe batch per stored end point (at most K - 1 of them), in training batches of
-    ``batch_size`` (None: counted as batches of the same size)."""
-    from altlearn import rules
-
-    inner_options = options["inner_options"] or {}
-    inner = rules.step_cost(options["inner"], model, inner_options, batch_size)
+    ``sizes.batch`` (0: counted as batches of the same size)."""
+    inner = options["inner"].cost(model, sizes)
     if options["distance"] != "function":
         return inner
-    probe = int(options["probe_size"]) / batch_size if batch_size else 1.0
+    probe = int(options["probe_size"]) / sizes.batch if sizes.batch else 1.0
     return inner + 3.0 * probe * (int(options["num_iterations"]) - 1)
 
 
 SPEC = RuleSpec(
     persistent,
-    needs_layered=False,
     summary="K restarts from the same initial parameters, each pushed away from the earlier "
     "end points (gaussian, inverse or deflation penalty; parameter or function distance; full "
     "or partial); wraps any gradient-like rule; best iterate by validation loss",
     source="paper 001 (Min, arXiv 2007.01419); deflation (Farrell et al. 2015)",
     cost=cost,
-    splits=("train", "val"),
-    nested=(("inner_options", "inner"),),
+    needs=("train", "val"),
 )

@@ -53,6 +53,7 @@ from altlearn.rules.base import (
     LearningRule,
     Metrics,
     RuleSpec,
+    Sizes,
     Splits,
     Variables,
     check_count,
@@ -158,16 +159,15 @@ def pso(
     return LearningRule(init, step)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The incoming params' loss, the P particles and (re-scoring) the P personal bests."""
-    del model
+    del model, sizes
     population = int(options["population_size"])
     return 1.0 + (2 if options["rescore_bests"] else 1) * population
 
 
 SPEC = RuleSpec(
     pso,
-    needs_layered=False,
     summary="whole-network particle swarm (constriction coefficients, velocity clamp); bests "
     "re-scored on each batch; population vmapped, chunked, sharded",
     source="baseline of paper 000 (Kumar, arXiv 2412.05667); Clerc & Kennedy 2002",

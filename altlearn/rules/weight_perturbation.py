@@ -26,6 +26,7 @@ from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
     RuleSpec,
+    Sizes,
     Splits,
     batch_loss,
     check_count,
@@ -85,17 +86,15 @@ def weight_perturbation(
     return with_rng_mode(rule, rng_partitionable)
 
 
-def cost(model: Model, options: dict[str, Any]) -> float:
+def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:
     """The clean pass and one perturbed pass per noise sample."""
-    del model
+    del model, sizes
     return 1.0 + int(options["num_noise_samples"])
 
 
 SPEC = RuleSpec(
     weight_perturbation,
-    needs_layered=False,
     summary="noise on the weights, loss change between two forward passes",
     source="relative of paper 003",
     cost=cost,
-    gradient_like=True,
 )

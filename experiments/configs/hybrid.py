@@ -23,13 +23,13 @@ from data/cifar-10-batches-py, batch 128, 50 epochs (19,550 steps at 45,000 trai
 SGD with momentum 0.9, learning rate 0.01 with a cosine decay; a phase every 391 steps (an
 epoch) of 16 offspring x 2 generations on 5,000 validation images. Cost: 3 forward-pass
 equivalents per step plus (1 + 32) x 5,000 / 128 = 1,289 batch forward passes per phase, about
-a third more than backprop alone (rules.step_cost).
+a third more than backprop alone (the rule's cost, ``RuleSpec.cost``).
 
 docs/RESULTS.md has the measured paired comparison (experiments/hybrid_study.py).
 """
 
 from altlearn.config import base_config, parse_keyed_variant
-from altlearn.rules import step_cost
+from altlearn.rules import Sizes, resolve
 
 METHODS = {
     # method: (rule, rule options)
@@ -95,6 +95,7 @@ def get_config(arg: str | None = None):
         for key, value in {**es, **options}.items():
             config.rule[key] = value
     if v["method"] == "bp_matched":  # the phases' forward passes as extra backprop steps
-        extra = step_cost("hybrid", None, es, config.batch_size) / 3.0 - 1.0
+        cost = resolve({"name": "hybrid", **es}).cost(None, Sizes(config.batch_size))
+        extra = cost / 3.0 - 1.0
         config.steps = int(round(config.steps * (1.0 + extra)))
     return config

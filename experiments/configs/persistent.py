@@ -48,10 +48,14 @@ def parse(arg: str | None) -> dict[str, str]:
         "strength": "",
         "width": "",
         "power": "",
+        "steps": "",
     }
     v = parse_keyed_variant(arg, defaults, METHODS)
     if v["setting"] not in CHOSEN:
         raise ValueError(f"Unknown setting {v['setting']!r}; valid choices: {', '.join(CHOSEN)}.")
+    if v["setting"] == "cnn" and v["data"] not in STEPS:
+        valid = ", ".join(d for d in STEPS if d != "kink")
+        raise ValueError(f"Unknown dataset {v['data']!r} for setting cnn; valid choices: {valid}.")
     for key, value in CHOSEN[v["setting"]].items():
         v[key] = v[key] or value
     return v
@@ -76,7 +80,7 @@ def get_config(arg: str | None = None):
         config.optimizer.learning_rate = 1e-3
     config.optimizer.name = "adam"
     config.batch_size = BATCH[data]
-    steps = STEPS[data]
+    steps = int(v["steps"]) if v["steps"] else STEPS[data]
     config.steps = steps if v["method"] == "restart" else ITERATIONS * steps
     config.eval_every = steps
     if v["method"] == "sgdr":

@@ -1,0 +1,264 @@
+"""Points x seeds through the one training program (``altlearn.train.make_train``).
+
+    runs = driver.run(config, points=[{"optimizer.learning_rate": 1e-3}, ...], seeds=range(5))
+    runs.curves["test_accuracy"]          # [members, evaluations]; members point-major
+    runs.final("test_accuracy")           # [points, seeds] at the last evaluation
+
+A member is one (point, seed): the hyperparameter values of ``points[p]`` (sweepable floats,
+``config.hparams``) and the run key of seed s, ``PRNGKey(s)`` (the key ``experiments.train
+--config.seed=s`` uses), or ``keys[s]`` where given. Every member trains as one
+``jax.jit(jax.vmap(train))`` program:
+
+- **memory**: with ``memory_budget_mb`` the members run in sequential chunks of one compiled
+  program whose XLA memory analysis fits the budget (``chunk_size``);
+- **devices**: with several devices each chunk's member axis is sharded over them (a ``Mesh``
+  over every process's devices), padded to a multiple of the device count;
+- **processes**: under ``jax.distributed`` (``altlearn.distributed``) the devices of every
+  process share the members and every process receives every result;
+- **resume**: with ``save_dir`` each finished chunk is saved whole (``NAME_i.npz``, written
+  by process 0) and a rerun loads it instead of training it again.
+
+Before anything compiles every point is checked as ``experiments.train`` would check it with
+those values in its config (``Experiment.check_point``). Timing: ``compile_s`` (lowering and
+compiling, once per program) apart from ``run_s`` (the chunks' wall time, evaluations
+included); ``step_seconds`` measures the steady-state time of the steps alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from altlearn import data as data_lib
+from altlearn.train import Experiment, make_train
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """The run keys of ``seeds``: ``PRNGKey(s)``, as ``experiments.train --config.seed=s``."""
+    return np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])
+
+
+class Runs(NamedTuple):
+    """What ``run`` returns."""
+
+    curves: dict[str, np.ndarray]  # figure -> [members, evaluations]
+    steps: list[int]  # the evaluation steps
+    members: list[tuple[int, int]]  # (point index, seed index) of each member
+    points: list[dict[str, float]]
+    seeds: list[int]
+    compile_s: float  # lowering + compiling the program (0 if every chunk was loaded)
+    run_s: float  # wall time of the chunks trained here (evaluations included)
+    chunk_size: int  # members per compiled call
+    experiment: Experiment
+
+    def final(self, name: str) -> np.ndarray:
+        """The figure at the last evaluation, [points, seeds] (every member present)."""
+        return self.at(name, -1)
+
+    def at(self, name: str, index: int) -> np.ndarray:
+        """The figure at evaluation ``index``, [points, seeds] (every member present)."""
+        values = self.curves[name][:, index]
+        if len(values) != len(self.points) * len(self.seeds):
+            raise ValueError("Runs.at needs every member; this run trained a share of them.")
+        return values.reshape(len(self.points), len(self.seeds))
+
+    def member_curves(self, member: int) -> dict[str, list]:
+        return {k: v[member].tolist() for k, v in self.curves.items()}
+
+
+def chunk_size(program: Callable, keys, hparams, budget_mb: float, devices: int) -> int:
+    """Members per chunk whose compiled program fits ``budget_mb`` (XLA's memory analysis of
+    one- and two-member programs: a fixed part and a part per member); all if no budget."""
+    total = keys.shape[0]
+    padded = -(-total // devices) * devices  # a multiple of the device count
+    if budget_mb <= 0:
+        return padded
+
+    def need(n):
+        lowered = jax.jit(jax.vmap(program)).lower(keys[:n], jax.tree.map(lambda a: a[:n], hparams))
+        m = lowered.compile().memory_analysis()
+        return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+    one, budget = need(1), budget_mb * 2**20
+    if one > budget:
+        raise ValueError(
+            f"--memory_budget_mb={budget_mb:g} is below one point's need, "
+            f"{one / 2**20:.1f} MiB; raise it (or 0: no budget)."
+        )
+    two = need(2)
+    per, fixed = max(two - one, 1), max(2 * one - two, 0)
+    size = int((budget - fixed) // per)
+    return min(max(devices, size // devices * devices), padded)
+
+
+def global_arrays(args: Any, sharding: NamedSharding | None) -> Any:
+    """Host arrays as arrays laid out by ``sharding`` over every process's devices (each process
+    holds the whole host array and hands over its devices' slices)."""
+    if sharding is None:
+        return jax.tree.map(jnp.asarray, args)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), args
+    )
+
+
+def gathered(out: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """Every process's share of ``out`` on every process, as host arrays."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in out.items()}
+    from jax.experimental import multihost_utils  # only under jax.distributed
+
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
+
+
+def check_points(experiment: Experiment, points: Sequence[dict[str, float]]) -> None:
+    """Every point checked as ``experiments.train`` checks its config (before compiling)."""
+    for point in points:
+        try:
+            experiment.check_point(point)
+        except ValueError as e:
+            values = ", ".join(f"{k}={v:g}" for k, v in point.items())
+            raise ValueError(f"point {values}: {e}") from None
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    points: Sequence[dict[str, float]] | None = None,
+    seeds: Sequence[int] = (0,),
+    *,
+    keys: np.ndarray | None = None,
+    eval_at: Sequence[int] | None = None,
+    memory_budget_mb: float = 0.0,
+    select: Callable[[int], bool] | None = None,
+    save_dir: str | Path | None = None,
+    name: str = "chunk",
+    dataset: data_lib.Dataset | None = None,
+    model: Any = None,
+    observe: Callable | None = None,
+) -> Runs:
+    """Trains every (point, seed) of ``config`` through one compiled, vmapped program.
+
+    ``points``: hyperparameter values per point (None: the config's own, one point);
+    ``seeds``: the seeds (``keys``: their run keys, [seeds, 2], if not ``PRNGKey(seed)``);
+    ``eval_at``: the evaluation steps (default every ``config.eval_every``; 0 and the last step
+    always); ``select(point_index)``: train only the points it accepts (a job's share);
+    ``save_dir`` / ``name``: where finished chunks are saved and found again (module docstring);
+    ``dataset`` / ``model``: arrays or a model of your own (``Experiment``); ``observe``: extra
+    figures per evaluation (``make_train``).
+    """
+    points = [dict(p) for p in (points or [{}])]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("run: give at least one seed.")
+    keys = seed_keys(seeds) if keys is None else np.asarray(keys)
+    train = make_train(config, eval_at, dataset, observe, model)
+    experiment = train.experiment
+    check_points(experiment, points)
+    names = sorted(points[0])
+    if any(sorted(p) != names for p in points):
+        raise ValueError("run: every point must set the same hyperparameters.")
+    members = [
+        (p, s) for p in range(len(points)) if select is None or select(p) for s in range(len(seeds))
+    ]
+    member_keys = np.stack([keys[s] for _, s in members]) if members else keys[:0]
+    hparams = {k: np.asarray([points[p][k] for p, _ in members], np.float32) for k in names}
+    devices = jax.devices()
+    size = chunk_size(train, member_keys, hparams, memory_budget_mb, len(devices))
+    sharding = None
+    if len(devices) > 1:  # the member axis sharded over every device of every process
+        sharding = NamedSharding(Mesh(np.array(devices), ("members",)), PartitionSpec("members"))
+    program = jax.jit(jax.vmap(train), in_shardings=sharding and (sharding, sharding))
+    compiled, compile_s, run_s = None, 0.0, 0.0
+    outs = []
+    writer = jax.process_index() == 0
+    for ci, first in enumerate(range(0, len(members), size)):
+        path = Path(save_dir) / f"{name}_{ci}.npz" if save_dir is not None else None
+        index = np.arange(first, first + size) % len(members)  # the last chunk padded
+        real = min(size, len(members) - first)
+        if path is not None and path.exists():
+            out = dict(np.load(path))
+        else:
+            args = global_arrays(
+                (member_keys[index], {k: v[index] for k, v in hparams.items()}), sharding
+            )
+            if compiled is None:
+                t = time.perf_counter()
+                compiled = program.lower(*args).compile()
+                compile_s = time.perf_counter() - t
+            t = time.perf_counter()
+            out = gathered(compiled(*args)[1])
+            run_s += time.perf_counter() - t
+            out = {k: v[:real] for k, v in out.items()}
+            if path is not None and writer:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.stem + ".tmp.npz")
+                np.savez(tmp, **out)
+                tmp.rename(path)  # a chunk is saved whole or not at all
+        outs.append(out)
+        logging.info("%s %s: %d/%d runs done", config.rule.name, name, first + real, len(members))
+    curves = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
+    return Runs(
+        curves, train.eval_steps, members, points, seeds, compile_s, run_s, size, experiment
+    )
+
+
+PROBE_SECONDS = 0.5
+
+
+def step_seconds(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int] = (0,),
+    points: Sequence[dict[str, float]] | None = None,
+    dataset: data_lib.Dataset | None = None,
+    period: int = 1,
+    model: Any = None,
+) -> float:
+    """Steady-state wall seconds per training step of the members (points x seeds) vmapped as
+    ``run`` trains them, without evaluations or compilation: a compiled chunk of steps from
+    step 0, run once to warm up, then timed, lengthened until it takes ``PROBE_SECONDS`` (a
+    short chunk of a fast step would time mostly the call). ``period``: the chunk is a multiple
+    of it (a rule's phase interval, so that phases count at their share)."""
+    experiment = Experiment(config, dataset, model)
+    points = [dict(p) for p in (points or [{}])]
+    check_points(experiment, points)
+    keys = np.stack([k for _ in points for k in seed_keys(seeds)])
+    hparams = {
+        k: np.asarray([p[k] for p in points for _ in seeds], np.float32) for k in sorted(points[0])
+    }
+    state = jax.jit(jax.vmap(experiment.init))(keys, hparams)
+    probe = -(-20 // period) * period
+    per_step = None
+    for _ in range(3):
+        chunk = jax.jit(jax.vmap(lambda s, n=probe: experiment.train_steps(s, n)))
+        chunk = chunk.lower(state).compile()
+        jax.block_until_ready(chunk(state))
+        t = time.perf_counter()
+        jax.block_until_ready(chunk(state))
+        elapsed = time.perf_counter() - t
+        per_step = elapsed / probe
+        if elapsed >= PROBE_SECONDS:
+            break
+        longer = int(probe * min(PROBE_SECONDS / max(elapsed, 1e-6) * 1.2, 100))
+        probe = -(-longer // period) * period
+    return per_step
+
+
+def budget_steps(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int],
+    forward_passes: float = 0.0,
+    seconds: float = 0.0,
+) -> int:
+    """Steps that spend a budget: ``forward_passes`` (the rule's cost per step counted, equal
+    for every method) or ``seconds`` of this machine (``step_seconds`` of the seeds vmapped)."""
+    if forward_passes:
+        return max(1, int(forward_passes // Experiment(config).step_cost))
+    return max(1, int(seconds / step_seconds(config, seeds)))

@@ -170,12 +170,13 @@ def run(
     ]
     member_keys = np.stack([keys[s] for _, s in members]) if members else keys[:0]
     hparams = {k: np.asarray([points[p][k] for p, _ in members], np.float32) for k in names}
+    curves_of = lambda key, hp: train(key, hp)[1]  # the final states stay on the device
     devices = jax.devices()
-    size = chunk_size(train, member_keys, hparams, memory_budget_mb, len(devices))
+    size = chunk_size(curves_of, member_keys, hparams, memory_budget_mb, len(devices))
     sharding = None
     if len(devices) > 1:  # the member axis sharded over every device of every process
         sharding = NamedSharding(Mesh(np.array(devices), ("members",)), PartitionSpec("members"))
-    program = jax.jit(jax.vmap(train), in_shardings=sharding and (sharding, sharding))
+    program = jax.jit(jax.vmap(curves_of), in_shardings=sharding and (sharding, sharding))
     compiled, compile_s, run_s = None, 0.0, 0.0
     outs = []
     writer = jax.process_index() == 0
@@ -194,7 +195,7 @@ def run(
                 compiled = program.lower(*args).compile()
                 compile_s = time.perf_counter() - t
             t = time.perf_counter()
-            out = gathered(compiled(*args)[1])
+            out = gathered(compiled(*args))
             run_s += time.perf_counter() - t
             out = {k: v[:real] for k, v in out.items()}
             if path is not None and writer:
@@ -222,10 +223,10 @@ def step_seconds(
     model: Any = None,
 ) -> float:
     """Steady-state wall seconds per training step of the members (points x seeds) vmapped as
-    ``run`` trains them, without evaluations or compilation: a compiled chunk of steps from
-    step 0, run once to warm up, then timed, lengthened until it takes ``PROBE_SECONDS`` (a
-    short chunk of a fast step would time mostly the call). ``period``: the chunk is a multiple
-    of it (a rule's phase interval, so that phases count at their share)."""
+    ``run`` trains them, without evaluations or compilation: ONE compiled chunk of steps from
+    step 0 (``period`` steps, at least 20: a rule's phase interval, so that phases count at
+    their share), called once to warm up, then again on the state it returns until the calls
+    add up to ``PROBE_SECONDS`` (a single short call of a fast step would time mostly the call)."""
     experiment = Experiment(config, dataset, model)
     points = [dict(p) for p in (points or [{}])]
     check_points(experiment, points)
@@ -234,21 +235,17 @@ def step_seconds(
         k: np.asarray([p[k] for p in points for _ in seeds], np.float32) for k in sorted(points[0])
     }
     state = jax.jit(jax.vmap(experiment.init))(keys, hparams)
-    probe = -(-20 // period) * period
-    per_step = None
-    for _ in range(3):
-        chunk = jax.jit(jax.vmap(lambda s, n=probe: experiment.train_steps(s, n)))
-        chunk = chunk.lower(state).compile()
-        jax.block_until_ready(chunk(state))
+    length = -(-20 // period) * period
+    chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, length)[0]), donate_argnums=0)
+    chunk = chunk.lower(state).compile()
+    state = jax.block_until_ready(chunk(state))
+    calls, elapsed = 0, 0.0
+    while elapsed < PROBE_SECONDS or calls < 2:
         t = time.perf_counter()
-        jax.block_until_ready(chunk(state))
-        elapsed = time.perf_counter() - t
-        per_step = elapsed / probe
-        if elapsed >= PROBE_SECONDS:
-            break
-        longer = int(probe * min(PROBE_SECONDS / max(elapsed, 1e-6) * 1.2, 100))
-        probe = -(-longer // period) * period
-    return per_step
+        state = jax.block_until_ready(chunk(state))
+        elapsed += time.perf_counter() - t
+        calls += 1
+    return elapsed / (calls * length)
 
 
 def budget_steps(

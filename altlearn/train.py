@@ -225,19 +225,52 @@ class Experiment:
         t // steps_per_epoch. Each epoch's permutation is drawn once per chunk, up front (a
         sort per step would cost more than a small model's step).
         """
+        batch_of = self._batches(state, num_steps)
+        return jax.lax.scan(
+            lambda s, _: self.train_step(s, batch_of(s.step)), state, None, num_steps
+        )
+
+    def _batches(self, state: TrainState, max_steps: int) -> Callable[[jax.Array], Any]:
+        """``step -> batch`` for the next ``max_steps`` steps from ``state``: the batch of step t
+        is slice t % steps_per_epoch of the permutation of epoch t // steps_per_epoch. Each
+        epoch's permutation is drawn once, up front (a sort per step would cost more than a
+        small model's step)."""
         spe = self.steps_per_epoch
         first_epoch = state.step // spe
         perms = self.epoch_permutations(
-            jax.random.split(state.key)[0], first_epoch, num_steps // spe + 2
+            jax.random.split(state.key)[0], first_epoch, max_steps // spe + 2
         )
 
-        def body(s: TrainState, _):
-            epoch, pos = jnp.divmod(s.step, spe)
+        def batch_of(step: jax.Array):
+            epoch, pos = jnp.divmod(step, spe)
             perm = jax.lax.dynamic_index_in_dim(perms, epoch - first_epoch, keepdims=False)
             idx = jax.lax.dynamic_slice_in_dim(perm, pos * self.batch_size, self.batch_size)
-            return self.train_step(s, (self.x_train[idx], self.y_train[idx]))
+            return self.x_train[idx], self.y_train[idx]
 
-        return jax.lax.scan(body, state, None, length=num_steps)
+        return batch_of
+
+    def train_interval(self, state: TrainState, num_steps: jax.Array, max_steps: int):
+        """The same steps as ``train_steps(state, num_steps)`` for a TRACED ``num_steps`` (at
+        most ``max_steps``), in one loop whose step is traced once; returns the state and the
+        interval's figures: ``train_loss_running`` (the mean batch loss) and the rule's per-step
+        metrics averaged over the steps that report them (``rule/<name>``; NaN for none)."""
+        batch_of = self._batches(state, max_steps)
+        shapes = jax.eval_shape(lambda s: self.train_step(s, batch_of(s.step))[1], state)
+        zeros = {k: jnp.zeros((), _floating(v).dtype) for k, v in shapes.items()}
+
+        def body(_, carry):
+            s, sums, counts = carry
+            s, metrics = self.train_step(s, batch_of(s.step))
+            metrics = {k: _floating(v) for k, v in metrics.items()}
+            known = {k: ~jnp.isnan(v) for k, v in metrics.items()}
+            sums = {k: sums[k] + jnp.where(known[k], v, 0) for k, v in metrics.items()}
+            counts = {k: counts[k] + known[k] for k in counts}
+            return s, sums, counts
+
+        state, sums, counts = jax.lax.fori_loop(0, num_steps, body, (state, zeros, zeros))
+        means = {k: sums[k] / counts[k] for k in sums}  # 0 / 0: NaN, no step reported it
+        out = {"train_loss_running": means.pop("loss")}
+        return state, {**out, **{f"rule/{k}": v for k, v in means.items()}}
 
     def evaluate_split(self, variables: Any, split: str) -> dict[str, jax.Array]:
         """Mean loss (and accuracy) over a whole split, in chunks of ``eval_batch_size``."""
@@ -317,29 +350,6 @@ def eval_steps(steps: int, eval_every: int, eval_at: Sequence[int] | None = None
     return at
 
 
-def segments(intervals: Sequence[int], max_block: int = 4) -> list[tuple[tuple[int, ...], int]]:
-    """``intervals`` (steps between evaluations) as runs ``(block, repeats)`` of a repeated
-    block of at most ``max_block`` intervals: [15] * 20 + [5] is ((15,), 20), ((5,), 1); the
-    evaluations before and after every 100th step, [99, 1] * 30, are ((99, 1), 30). Each run is
-    one ``lax.scan`` of the program, so the program stays small however many evaluations."""
-    out, i, intervals = [], 0, list(intervals)
-    while i < len(intervals):
-        best = (1, 1)  # (covered, period)
-        for p in range(1, max_block + 1):
-            block = intervals[i : i + p]
-            if len(block) < p:
-                break
-            r = 1
-            while intervals[i + r * p : i + (r + 1) * p] == block:
-                r += 1
-            if r * p > best[0] * best[1] or (r > 1 and best[0] == 1):
-                best = (r, p)
-        repeats, period = best
-        out.append((tuple(intervals[i : i + period]), repeats))
-        i += repeats * period
-    return out
-
-
 def make_train(
     config: ml_collections.ConfigDict,
     eval_at: Sequence[int] | None = None,
@@ -357,35 +367,19 @@ def make_train(
     experiment = Experiment(config, dataset, model)
     steps = int(config.steps)
     at = eval_steps(steps, int(config.eval_every), eval_at)
-    plan = segments(np.diff(at).tolist())
-
-    def figures(state: TrainState, step_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        out = {"step": state.step, **experiment.evaluate(state)}
-        out["train_loss_running"] = jnp.mean(step_metrics["loss"])
-        for name, values in step_metrics.items():
-            if name != "loss":  # a metric a rule reports on some steps is NaN on the others
-                out[f"rule/{name}"] = jnp.nanmean(_floating(values))
-        return {**out, **(observe(state) if observe is not None else {})}
+    intervals = jnp.asarray([0, *np.diff(at).tolist()], jnp.int32)  # steps before each
 
     def train(key: jax.Array, hparams: dict[str, Any] | None = None):
         state = experiment.init(key, hparams)
-        # STEP 0: the interval figures are NaN (no step taken yet)
-        shapes = jax.eval_shape(lambda s: experiment.train_steps(s, 1)[1], state)
-        empty = {k: jnp.full(v.shape, jnp.nan, _floating(v).dtype) for k, v in shapes.items()}
-        parts = [jax.tree.map(lambda a: a[None], figures(state, empty))]
-        # THE RUN: one scan per run of repeated evaluation intervals
-        for block, repeats in plan:
 
-            def body(s: TrainState, _, block=block):
-                out = []
-                for length in block:
-                    s, step_metrics = experiment.train_steps(s, length)
-                    out.append(figures(s, step_metrics))
-                return s, jax.tree.map(lambda *a: jnp.stack(a), *out)
+        # ONE SCAN OVER THE EVALUATIONS: the steps up to each (none before step 0), then every
+        # figure; the step and the evaluation are each traced once.
+        def body(s: TrainState, num_steps: jax.Array):
+            s, figures = experiment.train_interval(s, num_steps, int(np.max(np.diff(at))))
+            figures = {"step": s.step, **experiment.evaluate(s), **figures}
+            return s, {**figures, **(observe(s) if observe is not None else {})}
 
-            state, out = jax.lax.scan(body, state, None, length=repeats)  # [repeats, block]
-            parts.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))
-        return state, jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+        return jax.lax.scan(body, state, intervals)
 
     train.experiment = experiment
     train.eval_steps = at

@@ -198,12 +198,14 @@ def _config(setting: str, method: str, steps: int = 0, **variant: Any):
     return persistent_configs.get_config(",".join(f"{k}={v}" for k, v in items.items()))
 
 
-def kink_study(inits: int, good_loss: float, steps: int = 0) -> dict[str, Any]:
+def kink_study(
+    inits: int, good_loss: float, steps: int = 0, penalties: tuple[str, ...] = PENALTIES
+) -> dict[str, Any]:
     study_config = functools.partial(_config, steps=steps)
     persistent = study_config("kink", "persistent")
     k, steps = int(persistent.rule.num_iterations), int(persistent.rule.iteration_steps)
     tuning = {}
-    for penalty in PENALTIES:  # the penalty, lambda and tau, on the tuning seeds
+    for penalty in penalties:  # the penalty, lambda and tau, on the tuning seeds
         config = study_config("kink", "persistent", penalty=penalty)
         grid = ["rule.strength=[0.1,1.0,10.0]", "rule.width=[0.1,0.3,1.0]"]
         if penalty != "gaussian":
@@ -327,7 +329,11 @@ def cnn_plot(result: dict[str, Any], path) -> None:
 
 STUDIES = {
     "toy": (lambda: toy_study(_ITERATIONS.value, _STEPS.value, 0.05), toy_table, toy_plot),
-    "kink": (lambda: kink_study(_INITS.value, _GOOD_LOSS.value, _T.value), kink_table, kink_plot),
+    "kink": (
+        lambda: kink_study(_INITS.value, _GOOD_LOSS.value, _T.value, tuple(_PENALTIES.value)),
+        kink_table,
+        kink_plot,
+    ),
     "cnn": (lambda: cnn_study(list(_DATA.value), _SEEDS.value, _T.value), cnn_table, cnn_plot),
 }
 
@@ -361,6 +367,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     )
     _INITS = flags.DEFINE_integer("inits", 64, "kink: initialisations (and as many tuning seeds).")
     _SEEDS = flags.DEFINE_integer("seeds", 5, "cnn: seeds (and as many tuning seeds).")
+    _PENALTIES = flags.DEFINE_multi_enum(
+        "penalties", list(PENALTIES), PENALTIES, "kink: the penalties tuned (and chosen among)."
+    )
     _GOOD_LOSS = flags.DEFINE_float("good_loss", 0.01, "kink: the training loss called good.")
     _DATA = flags.DEFINE_list("data", ["digits", "mnist1d"], "cnn: datasets.")
     _WORKDIR = flags.DEFINE_string("workdir", "runs/persistent", "Where the outputs go.")

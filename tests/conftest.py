@@ -18,12 +18,23 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "altlearn-test-jax-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# The tests' programs are tiny and run for a few steps: compiling them dominates, and XLA's
+# optimisation passes are most of a compile (about 40% of the suite's time). The tests check
+# behaviour and equalities between programs compiled alike; the binaries and benchmarks keep
+# the optimised pipeline.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
 from altlearn.config import base_config, set_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: with the workers busy on them early, the suite ends on short
+    tests, not on one worker finishing a long one while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
 
 
@@ -59,6 +70,17 @@ def tiny_config(rule: str = "backprop", steps: int = 20, **overrides):
     config.optimizer.learning_rate = 1e-2
     set_dotted(config, overrides)
     return config
+
+
+@pytest.fixture
+def optimized():
+    """XLA's optimisations on, for a test whose run, not its compile, takes the time (long runs
+    of a wide model); conftest turns them off for the rest."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from altlearn.rules.base import params_loss
 from altlearn.train import Experiment
 from benchmarks import closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep
 
+pytestmark = pytest.mark.slow  # each runs a benchmark binary's measurement
+
 MODULES = (closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep)
 
 

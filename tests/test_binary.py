@@ -54,6 +54,7 @@ def test_same_config_gives_identical_numbers(tmp_path):
     assert figures(tmp_path / "a") == figures(tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path):
     config = tiny_config(steps=60, eval_every=10)
     runner.run(config, tmp_path / "whole")
@@ -137,6 +138,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_config_is_refused(tmp_path):
     runner.run(tiny_config(steps=10), tmp_path)
     with pytest.raises(ValueError, match="different config .*optimizer"):

@@ -113,28 +113,12 @@ def test_bad_command_lines_name_the_valid_choices(args, message):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,message",
-    [
-        (("--config.rule.name=hebbian",), "Unknown rule 'hebbian'; valid choices: backprop"),
-        (
-            ("--config.rule.sigma=0.1",),
-            "unknown config key 'rule.sigma' (from --config.rule.sigma); valid keys of "
-            "config.rule: decorrelation_every, decorrelation_rate, name",
-        ),
-        (
-            ("--config.model.name=cnn", "--config.model.widths=(8,)"),
-            "unknown config key 'model.widths' (from --config.model.widths); valid keys of "
-            "config.model: activation, channels",
-        ),
-        (
-            ("--config=experiments/configs/nope.py",),
-            "error: config file 'experiments/configs/nope.py' not found; config files in "
-            "experiments/configs: closed_form.py, default.py, digits.py, hybrid.py",
-        ),
+    [  # the messages of a bad command line: test_bad_command_lines_name_the_valid_choices
         ((f"--config={DEFAULT}:data=mnist",), "train-images-idx3-ubyte"),
         ((f"--config={DEFAULT}:data=iris,model=cnn",), "1-D signal"),
     ],
 )
-def test_binary_bad_input_is_a_clear_error(tmp_path, flags, message):
+def test_binary_bad_data_or_model_is_a_clear_error(tmp_path, flags, message):
     result = run_binary(tmp_path, *flags)
     assert result.returncode != 0
     assert message in result.stderr

@@ -87,6 +87,7 @@ def _teacher_config(width, steps, activation="relu"):
     return config
 
 
+@pytest.mark.slow
 def test_a_planted_two_layer_teacher_is_recovered():
     """Teacher in-5-4-2 ReLU; student width 8: 60 alternations reach < 1e-6 of the target
     energy on every seed (measured: 1e-12 .. 3e-9 after 50)."""
@@ -99,6 +100,7 @@ def test_a_planted_two_layer_teacher_is_recovered():
     assert np.all(runs.curves["test_loss"][:, -1] < 1e-3 * energy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 def test_the_loss_never_increases(activation):
     """Digits, width 16, 15 alternations: every step's loss is at most the previous one, the
@@ -150,6 +152,7 @@ def test_params_changed_outside_the_rule_are_picked_up():
     np.testing.assert_allclose(float(metrics["loss"]), 0.5, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_float32_mode_learns_without_64_bit():
     with jax.enable_x64(False):
         config = tiny_config("closed_form", 8, loss="squared_error", batch_size=10**6)
@@ -205,6 +208,7 @@ def test_a_normal_matrix_over_the_memory_budget_names_its_size():
         experiment.init(jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_chunked_accumulation_gives_the_same_step():
     """A budget small enough to force many sample chunks changes nothing but the order of sums."""
     results = []

@@ -11,18 +11,15 @@ from conftest import run_program, tiny_config
 from scipy import stats as scipy_stats
 
 from altlearn import driver, report, runner, tune
-from altlearn.train import eval_steps, make_train, segments
+from altlearn.train import eval_steps, make_train
 
 
-def test_evaluation_steps_and_their_scans():
+def test_evaluation_steps():
     assert eval_steps(300, 15) == list(range(0, 301, 15))
     assert eval_steps(305, 15)[-2:] == [300, 305]  # the last, shorter interval kept
     assert eval_steps(10, 100, eval_at=()) == [0, 10]  # 0 and the end always
     with pytest.raises(ValueError, match=r"must lie in \[0, 10\]"):
         eval_steps(10, 5, eval_at=[11])
-    assert segments([15] * 20 + [5]) == [((15,), 20), ((5,), 1)]
-    assert segments([99, 1] * 30 + [40]) == [((99, 1), 30), ((40,), 1)]  # around phases
-    assert sum(len(b) * r for b, r in segments([3, 7, 2, 9, 9, 9, 4])) == 7
 
 
 def test_the_program_evaluates_every_figure_at_the_given_steps_from_step_0():
@@ -93,6 +90,7 @@ def test_budgets_in_forward_passes_and_seconds():
     assert driver.step_seconds(config, [0, 1]) > 0
 
 
+@pytest.mark.slow
 def test_the_tuner_chooses_by_validation_on_tuning_seeds_and_skips_keys_a_config_lacks():
     config = tiny_config("node_perturbation", steps=6, **{"rule.num_noise_samples": 1})
     specs = ["optimizer.learning_rate=[1e-6,1e-2]", "rule.sigma=[1e-2]"]
@@ -141,6 +139,7 @@ def test_every_output_records_its_provenance(tmp_path):
         report.prepare_workdir(tmp_path / "file")
 
 
+@pytest.mark.slow
 def test_vmapped_program_shards_over_devices():
     """The driver's member axis spreads over the 8 fake devices (and pads to them)."""
     assert jax.device_count() == 8

@@ -106,6 +106,7 @@ def test_zero_noise_in_a_sweep_or_no_phase_is_backprop_exactly(problem):
     )
 
 
+@pytest.mark.slow
 def test_sharded_and_chunked_phases_equal_one_vmap(problem):
     """Offspring evaluated over the 8 (fake) devices and in chunks under a memory budget give
     the phases of one plain vmap (the elitist offspring are regenerated from their keys)."""
@@ -188,6 +189,7 @@ def test_phases_score_the_validation_split_and_the_test_split_is_never_offered(
     assert "test" not in experiment.rule_data
 
 
+@pytest.mark.slow
 def test_hybrid_learns_times_its_phases_and_resumes_to_identical_numbers(tmp_path, monkeypatch):
     """Through the runner on digits: it learns, phases are counted, reported and timed (each
     phase step a chunk of its own); a run interrupted between phases, and run without the phase

@@ -143,6 +143,7 @@ def test_annealing_brings_lambda_to_zero_over_the_end_of_each_iteration(problem)
     np.testing.assert_allclose(strengths, [1.0, 1.0, 1.0, 0.5] * 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_persistent_learns_and_reports_every_iteration(tmp_path):
     """Through the runner on digits: each iteration learns; summary.json names the best
     iteration by validation loss and holds every iteration's figures and the distances."""
@@ -158,6 +159,7 @@ def test_persistent_learns_and_reports_every_iteration(tmp_path):
     assert 0 <= summary["rule/test_disagreement/0-1"] <= 1
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_an_iteration_gives_identical_numbers(tmp_path):
     config = tiny_config("persistent", steps=16, **{"rule.iteration_steps": 8})
     config.rule.num_iterations = 2

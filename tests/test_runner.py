@@ -148,6 +148,7 @@ def _population_config(method, shard):
     return config
 
 
+@pytest.mark.slow
 # One rule through the runner (the sharded step is the rule's own: tests/test_evolution.py and
 # tests/test_swarm.py check sharded against unsharded for each population rule).
 @pytest.mark.parametrize("method", ["neuron_pso"])

@@ -83,6 +83,7 @@ def _reference_neuron_pso_step(model, variables, state, batch, key, coef, order)
     return {**variables, "params": params}, tuple(new_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["jacobi", "gauss_seidel"])
 def test_neuron_pso_step_equals_loop_over_neurons(order):
     model = models.mlp((6,), 3, widths=(4,))
@@ -108,6 +109,7 @@ def test_neuron_pso_step_equals_loop_over_neurons(order):
     assert not np.allclose(variables["params"][first]["kernel"], initial[first]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, model, input_shape",
     [
@@ -162,6 +164,7 @@ def test_downstream_evaluation_equals_full_forward(name, model, input_shape):
 # ------------------------------------------------------------------------------ mechanics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "rule_fn, configs",
     [
@@ -289,6 +292,7 @@ def test_errors():
 # ------------------------------------------------------------------------------ transforms
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule_fn", [pso, neuron_pso])
 def test_jit_and_vmap_over_seeds_and_inertia(rule_fn):
     model = models.mlp((6,), 3, widths=(8,))
@@ -314,6 +318,7 @@ def test_jit_and_vmap_over_seeds_and_inertia(rule_fn):
     assert not np.allclose(positions[1], positions[2]), "seeds must give different runs"
 
 
+@pytest.mark.slow
 def test_pso_without_rescoring_is_the_same_run_on_a_full_batch_only():
     """``rescore_bests=False`` keeps each best's fitness from when it was found: on one fixed
     batch that is exactly the re-scored run at half the evaluations; on changing batches the

@@ -123,6 +123,7 @@ def _tiny_base():
     return config
 
 
+@pytest.mark.slow
 def test_a_sweep_is_one_program_per_structural_point_and_rows_equal_single_runs(
     tmp_path, monkeypatch
 ):
@@ -253,6 +254,7 @@ def test_two_processes_write_the_sweep_one_process_writes(tmp_path):
     assert (tmp_path / "two" / "sweep.csv").read_text() == csv
 
 
+@pytest.mark.slow
 def test_shards_merge_into_the_unsharded_sweep(tmp_path):
     """--shard=0/2 and 1/2 (a job array) each train their share of the points; merged they
     give the unsharded sweep.csv. Shards of different sweeps, or a missing shard, are refused."""

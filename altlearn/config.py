@@ -302,10 +302,10 @@ def switch(
 
 
 def switch_inner(config: ml_collections.ConfigDict, names: dict[str, str | None]) -> None:
-    """For a rule that takes another rule as an option (``rules.rule_options``, e.g.
+    """For a rule that takes another rule as an option (``rules.rule_valued_options``, e.g.
     persistent's ``inner``): ``names`` maps such an option to a rule name, whose section then
     replaces the option's at its defaults (as ``switch`` does for the rule itself)."""
-    for key in rules.rule_options(config.rule.name):
+    for key in rules.rule_valued_options(config.rule.name):
         name = names.get(key)
         if name is not None and name != config.rule[key].name:
             config.rule[key] = _section(name, rules.options_of(name))
@@ -400,7 +400,7 @@ def config_from_argv(argv: list[str], default: str) -> tuple[ml_collections.Conf
     config = load_config_file(spec or default)
     names = {kind: _flag_value(argv, f"config.{kind}.name")[0] for kind in SWITCHABLE}
     switch(config, **names)
-    inner = rules.rule_options(config.rule.name)
+    inner = rules.rule_valued_options(config.rule.name)
     switch_inner(config, {k: _flag_value(argv, f"config.rule.{k}.name")[0] for k in inner})
     _check_override_keys(config, argv)
     return config, argv

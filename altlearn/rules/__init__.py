@@ -84,7 +84,7 @@ def _factory_defaults(spec: RuleSpec) -> dict[str, Any]:
     return {p.name: p.default for p in params}
 
 
-def rule_options(name: str) -> list[str]:
+def rule_valued_options(name: str) -> list[str]:
     """The options that take a rule (a combinator's inner rule), for rule ``name``."""
     return [k for k, v in _factory_defaults(get_rule_spec(name)).items() if _registered_name(v)]
 
@@ -261,5 +261,5 @@ __all__ = [
     "options_of",
     "params_loss",
     "resolve",
-    "rule_options",
+    "rule_valued_options",
 ]

@@ -112,10 +112,15 @@ def table(result: dict[str, Any]) -> str:
                 f"{report.cell(d_acc, 100, 2, sign=True) if d_acc else ''} | "
                 f"{report.cell(report.stats(r['test_loss']), digits=4)} | "
                 f"{report.cell(d_loss, digits=4, sign=True) if d_loss else ''} | "
-                f"{'' if rate is None else f'{np.mean(rate):.2f}'} | "
+                f"{'' if rate is None else report.cell(report.stats(rate), digits=2)} | "
                 f"{r['seconds_per_step'] * 1e3:.1f} ms |"
             )
-        lines += ["", "Around the phases (mean over phases and seeds; bp: the same steps):", ""]
+        lines += [
+            "",
+            "Around the phases (each seed's mean over its phases, then mean ± sample std [95% t "
+            "interval] over seeds; bp: the same steps):",
+            "",
+        ]
         lines += [
             "| method | selection loss change | val loss change | test loss change "
             "| test accuracy change |",
@@ -123,17 +128,18 @@ def table(result: dict[str, Any]) -> str:
         ]
         for method, r in results.items():
             phases = r["around_phases"]
-            mean = lambda key, phases=phases: (
-                np.mean([np.mean(p[key]) for p in phases]) if phases else np.nan
-            )
-            selection = (
-                f"{mean('selection_val_loss_change'):+.5f}"
-                if phases and "selection_val_loss_change" in phases[0]
-                else ""
-            )
+
+            def change(key, scale=1.0, digits=5, phases=phases):
+                """Per seed the mean change over the phases; its stats over the seeds."""
+                if not phases or key not in phases[0]:
+                    return ""
+                per_seed = np.mean([p[key] for p in phases], axis=0)
+                return report.cell(report.stats(per_seed), scale, digits, sign=True)
+
             lines.append(
-                f"| {method} | {selection} | {mean('val_loss_change'):+.5f} | "
-                f"{mean('test_loss_change'):+.5f} | {100 * mean('test_accuracy_change'):+.3f} |"
+                f"| {method} | {change('selection_val_loss_change')} | "
+                f"{change('val_loss_change')} | {change('test_loss_change')} | "
+                f"{change('test_accuracy_change', 100, 3)} |"
             )
         lines.append("")
     return "\n".join(lines)

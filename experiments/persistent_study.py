@@ -299,7 +299,8 @@ def cnn_table(result: dict[str, Any]) -> str:
                 if name == "plain"
                 else report.cell(report.paired(m["test_accuracy"], plain), sign=True)
             )
-            + f" | {np.mean(m['test_loss']):.4f} | {np.mean(m['val_loss']):.4f} |"
+            + f" | {report.cell(report.stats(m['test_loss']), digits=4)} | "
+            + f"{report.cell(report.stats(m['val_loss']), digits=4)} |"
             for name, m in r["methods"].items()
         ]
         blocks.append(

@@ -4,7 +4,7 @@ A config is an ``ml_collections.ConfigDict`` with the keys
 
     seed, steps, batch_size, eval_every, eval_batch_size, loss, keep_checkpoints,
     rule.name (+ the rule's own options), model.name (+ the model's options),
-    data.{name, data_dir, validation_fraction, standardize, split_seed},
+    data.{name, data_dir, validation_fraction, standardize, split_seed, train_on_validation},
     optimizer.{name, learning_rate, momentum, weight_decay, schedule, warmup_steps, cycles}.
 
 ``base_config(rule, model, data)`` fills ``rule.*`` and ``model.*`` from the factories'
@@ -48,7 +48,14 @@ TOP_LEVEL_KEYS = {
     "data",
     "optimizer",
 }
-DATA_KEYS = {"name", "data_dir", "validation_fraction", "standardize", "split_seed"}
+DATA_KEYS = {
+    "name",
+    "data_dir",
+    "validation_fraction",
+    "standardize",
+    "split_seed",
+    "train_on_validation",
+}
 OPTIMIZER_KEYS = {
     "name",
     "learning_rate",
@@ -85,6 +92,9 @@ def base_config(
             "validation_fraction": 0.1,
             "standardize": "auto",
             "split_seed": -1,  # the validation split's seed; -1: the run's seed
+            # True: train on the validation samples too (a control with the same labels as a
+            # method that selects on them); the validation figures are then on seen data.
+            "train_on_validation": False,
         }
     )
     c.optimizer = ml_collections.ConfigDict(

@@ -32,6 +32,8 @@ Splits and preprocessing, identical for every dataset:
 
 * ``validation_fraction`` of the training split is held out as validation data, chosen
   with ``np.random.default_rng(seed)``; both parts keep the original order.
+  ``train_on_validation=True`` trains on the validation samples too (the split is still
+  returned): a control with the same labels as a method that selects on them.
 * Standardisation statistics are fitted on the remaining training split only and applied
   to train/val/test: ``'feature'`` standardises every input coordinate separately,
   ``'channel'`` every channel (last axis) over all other axes, ``'auto'`` is ``'channel'``
@@ -552,9 +554,13 @@ def load_dataset(
     seed: int = 0,
     validation_fraction: float = 0.1,
     standardize: str = "auto",
+    train_on_validation: bool = False,
 ) -> Dataset:
     """Load dataset ``name``, hold out a seeded validation split, and standardise it.
 
+    ``train_on_validation``: the training split holds the validation samples as well (the
+    validation split is still returned, now data the model trains on): the control for a method
+    that uses the validation labels while training.
     See the module docstring for the names, the data directory and the preprocessing.
     """
     if standardize not in STANDARDIZE_MODES:
@@ -573,6 +579,8 @@ def load_dataset(
     held_out[np.random.default_rng(seed).permutation(n)[:n_val]] = True
     x_train, y_train = raw.x_train[~held_out], raw.y_train[~held_out]
     x_val, y_val = raw.x_train[held_out], raw.y_train[held_out]
+    if train_on_validation:
+        x_train, y_train = raw.x_train, raw.y_train
     x_test, y_test = raw.x_test.copy(), raw.y_test.copy()
 
     if standardize == "auto":

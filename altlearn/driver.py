@@ -71,6 +71,21 @@ class Runs(NamedTuple):
             raise ValueError("Runs.at needs every member; this run trained a share of them.")
         return values.reshape(len(self.points), len(self.seeds))
 
+    def best(self, name: str, by: str = "val_loss") -> tuple[np.ndarray, np.ndarray]:
+        """The best-iterate choice: figure ``name`` at each member's evaluation where ``by`` is
+        best (the lowest loss, the highest accuracy; the first such evaluation on ties), and
+        that evaluation's step, both [points, seeds]. Every method of a comparison chosen this
+        way has the same validation access as one that selects on validation while training."""
+        scores = np.asarray(self.curves[by])
+        if by.endswith("accuracy"):
+            scores = -scores
+        index = np.argmin(np.where(np.isnan(scores), np.inf, scores), axis=1)  # [members]
+        values = np.take_along_axis(self.curves[name], index[:, None], axis=1)[:, 0]
+        shape = (len(self.points), len(self.seeds))
+        if len(values) != shape[0] * shape[1]:
+            raise ValueError("Runs.best needs every member; this run trained a share of them.")
+        return values.reshape(shape), np.asarray(self.steps)[index].reshape(shape)
+
     def member_curves(self, member: int) -> dict[str, list]:
         return {k: v[member].tolist() for k, v in self.curves.items()}
 

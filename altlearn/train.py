@@ -100,6 +100,7 @@ class Experiment:
                 seed=split_seed(config),
                 validation_fraction=config.data.validation_fraction,
                 standardize=config.data.standardize,
+                train_on_validation=bool(config.data.get("train_on_validation", False)),
             )
         self.dataset = dataset
         self.task = losses.make_task(dataset.task, config.loss)

@@ -149,6 +149,16 @@ def test_splits_depend_on_seed_only_for_validation():
     assert not np.array_equal(a.x_test, c.x_test)  # same rows, different train statistics
 
 
+def test_train_on_validation_trains_on_the_same_labels_the_split_holds():
+    plain = load_dataset("wine", seed=2, standardize="none")
+    both = load_dataset("wine", seed=2, standardize="none", train_on_validation=True)
+    assert len(both.x_train) == len(plain.x_train) + len(plain.x_val)
+    np.testing.assert_array_equal(both.x_val, plain.x_val)  # the split itself is unchanged
+    trained = {tuple(row) for row in both.x_train}
+    assert all(tuple(row) in trained for row in plain.x_val)
+    np.testing.assert_array_equal(both.x_test, plain.x_test)
+
+
 def test_fixed_test_split_is_stratified():
     ds = load_dataset("iris")
     np.testing.assert_array_equal(np.bincount(ds.y_test), [10, 10, 10])

@@ -73,6 +73,32 @@ def test_the_driver_trains_points_by_seeds_and_a_member_equals_its_run_alone(tmp
     np.testing.assert_allclose(one.final("val_loss")[0, 0], runs.final("val_loss")[1, 1], 1e-6)
 
 
+def test_the_best_iterate_is_chosen_on_validation_per_member():
+    """Lowest loss or highest accuracy, the first on ties, NaN never chosen."""
+    nan = float("nan")
+    runs = driver.Runs(
+        curves={
+            "val_loss": np.array([[3.0, 1.0, 2.0, 1.0], [nan, 5.0, 4.0, 6.0]]),
+            "val_accuracy": np.array([[0.1, 0.5, 0.9, 0.2], [0.3, 0.3, 0.1, 0.2]]),
+            "test_accuracy": np.array([[0.0, 0.1, 0.2, 0.3], [0.4, 0.5, 0.6, 0.7]]),
+        },
+        steps=[0, 10, 20, 30],
+        members=[(0, 0), (0, 1)],
+        points=[{}],
+        seeds=[0, 1],
+        compile_s=0.0,
+        run_s=0.0,
+        chunk_size=2,
+        experiment=None,
+    )
+    values, steps = runs.best("test_accuracy")
+    np.testing.assert_array_equal(values, [[0.1, 0.6]])
+    np.testing.assert_array_equal(steps, [[10, 20]])
+    values, steps = runs.best("test_accuracy", by="val_accuracy")
+    np.testing.assert_array_equal(values, [[0.2, 0.4]])
+    np.testing.assert_array_equal(steps, [[20, 0]])
+
+
 def test_the_driver_refuses_what_train_refuses_before_compiling():
     config = tiny_config(steps=2)
     with pytest.raises(ValueError, match="learning_rate must be > 0"):

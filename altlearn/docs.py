@@ -3,17 +3,25 @@
     python -m altlearn.docs                        # print the README's tables
     python -m altlearn.docs README.md              # rewrite the block between the markers
     python -m altlearn.docs --rules docs/RULES.md  # rewrite the rules' specification
+    python -m altlearn.docs --tables docs/RESULTS.md  # copy the result tables in again
 
 docs/RULES.md is each registered rule's module docstring (its specification: equations, paper,
 the decisions taken where the paper is silent), its factory's docstring (the options) and its
 registry entry, in registry order. Tests check that both files hold exactly what this writes,
 so neither can drift from the code.
+
+Result tables: a table in a document that comes from an output file (a binary's ``NAME.md``,
+written by ``altlearn.report`` beside ``NAME.json`` with its command, commit and machine) sits
+between ``<!-- table: PATH#K -->`` and ``<!-- end table -->``: the K-th table (1 when ``#K`` is
+left out) of the repository file PATH, a table being a run of lines that start with ``|``.
+``--tables`` copies each table in again; a test fails when a table and its file disagree.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +29,57 @@ from pathlib import Path
 from altlearn import data, models, rules
 
 START, END = "<!-- registry:start -->", "<!-- registry:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = re.compile(
+    r"<!-- table: (?P<path>[^#\s]+)(?:#(?P<k>\d+))? -->\n(?P<body>.*?)<!-- end table -->\n", re.S
+)
+
+
+def tables_of(text: str) -> list[str]:
+    """The markdown tables of ``text``: each run of lines starting with ``|``, newline-ended."""
+    out, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            out.append("\n".join(current) + "\n")
+            current = []
+    if current:
+        out.append("\n".join(current) + "\n")
+    return out
+
+
+def source_table(path: str, k: int = 1) -> str:
+    """Table ``k`` (from 1) of the repository file ``path``; a clear error if there is none."""
+    file = ROOT / path
+    if not file.is_file():
+        raise ValueError(f"table source {path} does not exist")
+    found = tables_of(file.read_text())
+    if not 1 <= k <= len(found):
+        raise ValueError(f"{path} has {len(found)} table(s); table {k} was asked for")
+    return found[k - 1]
+
+
+def render_tables(text: str) -> str:
+    """``text`` with every sourced table block replaced by the table its file holds now."""
+
+    def fill(m: re.Match) -> str:
+        k = int(m["k"] or 1)
+        ref = m["path"] + (f"#{m['k']}" if m["k"] else "")
+        return f"<!-- table: {ref} -->\n{source_table(m['path'], k)}<!-- end table -->\n"
+
+    return TABLE.sub(fill, text)
+
+
+def table_drift(text: str) -> list[str]:
+    """The sourced tables of ``text`` that differ from their files: one line each."""
+    out = []
+    for m in TABLE.finditer(text):
+        expected = source_table(m["path"], int(m["k"] or 1))
+        if m["body"] != expected:
+            line = text[: m.start()].count("\n") + 1
+            out.append(f"line {line}: the table differs from {m['path']}#{m['k'] or 1}")
+    return out
 
 
 def _first_line(obj) -> str:
@@ -131,6 +190,10 @@ def rules_document() -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 2 and argv[1] == "--rules":
         Path(argv[2]).write_text(rules_document())
+    elif len(argv) > 2 and argv[1] == "--tables":
+        for name in argv[2:]:
+            path = Path(name)
+            path.write_text(render_tables(path.read_text()))
     elif len(argv) > 1:
         path = Path(argv[1])
         path.write_text(render_into(path.read_text()))

@@ -173,22 +173,47 @@ def t_quantile(n: int) -> float:
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:
-    """Mean, SAMPLE std (ddof = 1), n, and the 95% t interval [low, high] of the mean over the
-    finite values (a diverged seed is counted in ``nonfinite``, not averaged)."""
+    """Mean, SAMPLE std (ddof = 1), n, the 95% t interval [low, high] of the mean and ``p``, the
+    two-sided t test's p-value of a zero mean (for paired differences), over the finite values
+    (a diverged seed is counted in ``nonfinite``, not averaged)."""
     v = np.asarray(values, np.float64).ravel()
     finite = v[np.isfinite(v)]
     n = int(finite.size)
     mean = float(finite.mean()) if n else math.nan
     std = float(finite.std(ddof=1)) if n > 1 else math.nan
     half = t_quantile(n) * std / math.sqrt(n) if n > 1 else math.nan
+    p = math.nan
+    if n > 1:
+        p = (
+            1.0
+            if std == 0 and mean == 0
+            else 0.0
+            if std == 0
+            else float(2 * scipy_stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+        )
     return {
         "mean": mean,
         "std": std,
         "n": n,
         "low": mean - half,
         "high": mean + half,
+        "p": p,
         "nonfinite": int(v.size - n),
     }
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over the intervals read together):
+    the k-th smallest p times (m - k + 1), running maximum, at most 1; NaN stays NaN."""
+    p = np.asarray(pvalues, np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    out = np.full(p.shape, np.nan)
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m, running = len(order), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out.tolist()
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:

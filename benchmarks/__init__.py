@@ -4,7 +4,7 @@
     python -m benchmarks.rules         every learning rule's step time against backprop's
     python -m benchmarks.evolution     the evolution rule: overhead against raw evosax, speed,
                                        memory
-    python -m benchmarks.pso           the pso rule against pyswarms (needs the ``bench`` extra)
+    python -m benchmarks.pso           the pso rule against pyswarms (``test`` or ``bench`` extra)
     python -m benchmarks.closed_form   the cost of a closed_form alternation and its parts
 
 docs/BENCHMARKS.md holds the measured figures and what each binary compares.

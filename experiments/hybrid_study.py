@@ -1,13 +1,27 @@
-"""Backprop + evolution phases (paper 004) against backprop alone: a paired test over seeds.
+"""Backprop + evolution phases (paper 004) against controls that can win: a paired test.
 
-    python -m experiments.hybrid_study --data=digits,mnist1d --seeds=10 \\
-        --workdir=docs/results --name=hybrid
+    python -m experiments.hybrid_study --data=digits,mnist1d,breast_cancer --seeds=10 \\
+        --tune_seeds=2 --workdir=docs/results --name=hybrid
 
 Every method of experiments/configs/hybrid.py (``--methods``) trains the same seeds through
 the engine (``altlearn.driver``: all seeds as one vmapped program); seed s gives every method
-the same initialisation and batches, so differences are paired. Reported per method: final test
-accuracy and loss (mean, sample std, 95% interval) and the paired difference to ``bp`` with its
-95% interval (``altlearn.report``).
+the same initialisation and batches, so differences are paired. Reported per method: test
+accuracy and loss at the final iterate and at the best iterate chosen on validation
+(``Runs.best``: the evaluation with the lowest validation loss), mean, sample std and 95%
+interval (``altlearn.report``).
+
+The hybrid selects on validation labels that backprop never sees, so its controls get the same
+access: ``bp`` at its best iterate on validation, ``bp_trainval`` trained on those labels,
+``bp_matched`` (the phases' forward passes as extra steps) at its best iterate, and
+``no_selection`` (the same perturbations without selection). The verdict table gives hybrid
+minus each control, paired over seeds, with its 95% interval and Holm's adjusted p-value over
+every difference the table holds (the intervals are read together).
+
+``--tune_seeds=N`` tunes every method the same way before the reported seeds run: three grid
+points each, on tuning seeds 1000.. (never reported), chosen by final validation loss
+(``altlearn.tune``): the learning rate for the backprop methods (bp_trainval takes bp's, as its
+validation split is trained on), the phases' noise scale for the methods with phases (at bp's
+learning rate).
 
 Every method is evaluated just before and just after each phase step of the hybrid config
 (``--methods``' configs read the phase steps from the rule they run; backprop alone at the
@@ -30,7 +44,7 @@ import numpy as np
 from absl import app, flags
 
 from altlearn import config as config_lib
-from altlearn import driver, plotting, report
+from altlearn import driver, plotting, report, tune
 from altlearn.plotting import plt
 from altlearn.train import Experiment
 from experiments.configs import hybrid as hybrid_configs
@@ -45,8 +59,13 @@ def phase_steps(config) -> list[int]:
 
 
 def run_method(config, seeds: int, phases: list[int]) -> dict[str, Any]:
-    """All seeds through the driver, evaluated before and after every phase step."""
-    runs = driver.run(config, seeds=range(seeds), eval_at=[s for t in phases for s in (t - 1, t)])
+    """All seeds through the driver, evaluated before and after every phase step and every
+    ``eval_every`` steps to the end (the best iterate's candidates: the same steps for every
+    method up to the shortest run)."""
+    every = int(config.eval_every)
+    grid = range(every, int(config.steps) + 1, every)
+    eval_at = sorted({*grid, *(s for t in phases for s in (t - 1, t))})
+    runs = driver.run(config, seeds=range(seeds), eval_at=eval_at)
     at = {step: i for i, step in enumerate(runs.steps)}
     curve = lambda name, step: runs.curves[name][:, at[step]]
     around = []
@@ -59,10 +78,14 @@ def run_method(config, seeds: int, phases: list[int]) -> dict[str, Any]:
                 entry[f"selection_{name}"] = curve(f"rule/{name}", t).tolist()
         around.append(entry)
     out = {k: runs.final(k)[0].tolist() for k in FIGURES}
+    for k in ("test_accuracy", "test_loss"):
+        values, steps = runs.best(k, by="val_loss")
+        out[f"best_{k}"] = values[0].tolist()
+    out["best_step"] = steps[0].tolist()
     if "rule/acceptance_rate" in runs.curves:
         out["acceptance_rate"] = runs.final("rule/acceptance_rate")[0].tolist()
-    every = phases[1] - phases[0] if len(phases) > 1 else 1
-    out["seconds_per_step"] = driver.step_seconds(config, range(seeds), period=every)
+    period = phases[1] - phases[0] if len(phases) > 1 else 1
+    out["seconds_per_step"] = driver.step_seconds(config, range(seeds), period=period)
     return {**out, "steps": int(config.steps), "around_phases": around, "run_s": runs.run_s}
 
 
@@ -75,33 +98,121 @@ def configs(data: str, methods: list[str], sets: list[str]) -> dict[str, Any]:
     return out
 
 
-def study(datasets: list[str], methods: list[str], seeds: int, sets=()) -> dict[str, Any]:
+LR_GRID = "optimizer.learning_rate=[3e-4,1e-3,3e-3]"
+NOISE_GRID = "rule.noise_scale=[0.003,0.01,0.03]"
+# Hybrid minus each control: (row, control method, its figure: final or best iterate).
+CONTROLS = (
+    ("bp, final iterate", "bp", ""),
+    ("bp, best iterate on validation", "bp", "best_"),
+    ("bp trained on train + validation", "bp_trainval", ""),
+    ("bp_matched, best iterate on validation", "bp_matched", "best_"),
+    ("no_selection", "no_selection", ""),
+)
+
+
+def tune_methods(chosen: dict[str, Any], seeds: int, by: str) -> dict[str, Any]:
+    """Every method tuned on three grid points (see the module docstring); returns each
+    method's tuning record. bp first: its learning rate is the start of the others'."""
+    records: dict[str, Any] = {}
+    order = sorted(chosen, key=lambda m: m != "bp")
+    for method in order:
+        config = chosen[method]
+        if method != "bp" and "bp" in records:  # bp's learning rate, before its own grid
+            tune.apply(config, records["bp"]["chosen"])
+        if method == "bp_trainval":
+            continue  # its validation split is trained on: bp's choice
+        spec = NOISE_GRID if config.rule.name == "hybrid" else LR_GRID
+        tuning = tune.tune(config, [spec], seeds, by)
+        tune.apply(config, tuning.chosen)
+        records[method] = tuning.record()
+    return records
+
+
+def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hybrid's final test accuracy and loss minus each control's present, paired."""
+    if "hybrid" not in results:
+        return []
+    out = []
+    for row, method, prefix in CONTROLS:
+        if method in results:
+            entry = {"control": row, "method": method, "figure": prefix or "final_"}
+            for k in ("test_accuracy", "test_loss"):
+                entry[k] = report.paired(results["hybrid"][k], results[method][prefix + k])
+            out.append(entry)
+    return out
+
+
+def study(
+    datasets: list[str], methods: list[str], seeds: int, sets=(), tune_seeds=0, by="val_loss"
+) -> dict[str, Any]:
     out: dict[str, Any] = {"seeds": seeds, "methods": methods, "sets": list(sets), "results": {}}
+    out["tuning"], out["verdicts"] = {}, {}
     for data in datasets:
         chosen = configs(data, methods, list(sets))
         reference = chosen.pop("reference")
+        if tune_seeds:
+            out["tuning"][data] = tune_methods(chosen, tune_seeds, by)
         results = {}
         for method, config in chosen.items():
             own = config.rule.name == "hybrid"
             results[method] = run_method(config, seeds, phase_steps(config if own else reference))
+            results[method]["hparams"] = {
+                k: float(v) for k, v in config_lib.hparams(config).items()
+            }
         for method, r in results.items():
             if "bp" in results and method != "bp":
                 for figure in ("test_accuracy", "test_loss"):
                     r[f"vs_bp_{figure}"] = report.paired(r[figure], results["bp"][figure])
         out["results"][data] = results
+        out["verdicts"][data] = verdicts(results)
+    # Holm over every difference the verdict table holds (both figures, every dataset).
+    cells = [
+        v[k] for d in out["verdicts"].values() for v in d for k in ("test_accuracy", "test_loss")
+    ]
+    for c, adjusted in zip(cells, report.holm([c["p"] for c in cells])):
+        c["p_holm"] = adjusted
     return out
 
 
+def verdict_table(result: dict[str, Any]) -> list[str]:
+    """Hybrid (final iterate) minus each control, every dataset: one table."""
+    rows = [(d, v) for d, vs in result.get("verdicts", {}).items() for v in vs]
+    if not rows:
+        return []
+    count = 2 * len(rows)
+    lines = [
+        f"Hybrid (final iterate) minus each control ({result['seeds']} paired seeds; mean "
+        f"[95% t interval]; p: Holm-adjusted over the {count} differences of this table):",
+        "",
+        "| data | control | test accuracy (points) | p | test loss | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for data, v in rows:
+        acc, loss = v["test_accuracy"], v["test_loss"]
+        lines.append(
+            f"| {data} | {v['control']} | {_interval(acc, 100, 2)} | {acc['p_holm']:.3f} | "
+            f"{_interval(loss, 1, 4)} | {loss['p_holm']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _interval(s: dict[str, float], scale: float, digits: int) -> str:
+    f = f"{{:+.{digits}f}}"
+    low, high = f.format(scale * s["low"]), f.format(scale * s["high"])
+    return f"{f.format(scale * s['mean'])} [{low}, {high}]"
+
+
 def table(result: dict[str, Any]) -> str:
-    lines = []
+    lines = verdict_table(result)
     for data, results in result["results"].items():
         lines += [
             f"**{data}** ({result['seeds']} paired seeds; each method's steps from "
             "experiments/configs/hybrid.py; mean ± sample std [95% t interval])",
             "",
             "| method | steps | test accuracy (%) | minus bp | test loss | minus bp "
-            "| accepted phases | s / step |",
-            "|---|---|---|---|---|---|---|---|",
+            "| best iterate on validation: test accuracy (%) | its step | accepted phases "
+            "| s / step |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, r in results.items():
             d_acc, d_loss = r.get("vs_bp_test_accuracy"), r.get("vs_bp_test_loss")
@@ -112,6 +223,8 @@ def table(result: dict[str, Any]) -> str:
                 f"{report.cell(d_acc, 100, 2, sign=True) if d_acc else ''} | "
                 f"{report.cell(report.stats(r['test_loss']), digits=4)} | "
                 f"{report.cell(d_loss, digits=4, sign=True) if d_loss else ''} | "
+                f"{report.cell(report.stats(r['best_test_accuracy']), 100, 2)} | "
+                f"{np.mean(r['best_step']):.0f} | "
                 f"{'' if rate is None else report.cell(report.stats(rate), digits=2)} | "
                 f"{r['seconds_per_step'] * 1e3:.1f} ms |"
             )
@@ -171,7 +284,15 @@ def main(argv: list[str]) -> None:
         for data in _DATA.value:  # every method and dataset checked before anything trains
             for config in configs(data, list(_METHODS.value), _SET.value).values():
                 Experiment(config)
-        result = study(list(_DATA.value), list(_METHODS.value), _SEEDS.value, _SET.value)
+        tune.check_by(_TUNE_BY.value)
+        result = study(
+            list(_DATA.value),
+            list(_METHODS.value),
+            _SEEDS.value,
+            _SET.value,
+            _TUNE_SEEDS.value,
+            _TUNE_BY.value,
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
     text = table(result)
@@ -180,7 +301,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only for the binary: the module stays importable
-    _DATA = flags.DEFINE_list("data", ["digits", "mnist1d"], "Datasets (scale=cpu).")
+    _DATA = flags.DEFINE_list(
+        "data", ["digits", "mnist1d", "breast_cancer"], "Datasets (scale=cpu)."
+    )
     _METHODS = flags.DEFINE_list(
         "methods", list(hybrid_configs.METHODS), "Methods of experiments/configs/hybrid.py."
     )
@@ -188,6 +311,10 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _SET = flags.DEFINE_multi_string(
         "set", [], "KEY=VALUE for every method whose config has KEY (rule.es_every=50, steps=..)."
     )
+    _TUNE_SEEDS = flags.DEFINE_integer(
+        "tune_seeds", 0, "Tuning seeds (1000..) per grid point; 0: no tuning (the configs' values)."
+    )
+    _TUNE_BY = flags.DEFINE_string("tune_by", "val_loss", "Tuning figure: val_loss, val_accuracy.")
     _WORKDIR = flags.DEFINE_string("workdir", "runs/hybrid", "Where the outputs go.")
     _NAME = flags.DEFINE_string("name", "hybrid", "Output file name (NAME.json, .md, .png).")
     app.run(main)

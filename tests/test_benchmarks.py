@@ -172,7 +172,6 @@ def test_rules_methods_time_the_same_steps():
 def test_pyswarms_objective_is_altlearns_loss():
     """pyswarms' numpy objective gives, for each particle vector, altlearn's loss of the same
     network on the same batch."""
-    pytest.importorskip("pyswarms")
     experiment = Experiment(pso.make_config("pso", batch_size=10_000, widths=(8,)))
     variables = experiment.init(jax.random.PRNGKey(0)).variables
     run = pso.PyswarmsRun(experiment, variables["params"], 10_000, 4, 1, None)
@@ -200,7 +199,6 @@ def test_pyswarms_objective_is_altlearns_loss():
 
 
 def test_pso_measure_times_the_same_iterations():
-    pytest.importorskip("pyswarms")
     result = pso.measure(
         widths=(8,),
         population_size=4,

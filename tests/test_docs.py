@@ -1,5 +1,8 @@
-"""The generated documents (README tables, docs/RULES.md) match the code."""
+"""The generated documents (README tables, docs/RULES.md) match the code; the result tables
+match their output files."""
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +22,37 @@ def test_rules_document_matches_the_code():
     assert path.read_text() == docs.rules_document(), (
         "run: python -m altlearn.docs --rules docs/RULES.md"
     )
+
+
+DOCUMENTS = [README, *sorted((README.parent / "docs").glob("*.md"))]
+
+
+def _sourced_tables():
+    return [(doc, m) for doc in DOCUMENTS for m in docs.TABLE.finditer(doc.read_text())]
+
+
+def test_result_tables_equal_their_output_files():
+    """Every sourced table equals its output file's, and that file records how it was made."""
+    assert _sourced_tables(), "no sourced table found"
+    for doc in DOCUMENTS:
+        drift = docs.table_drift(doc.read_text())
+        assert not drift, f"{doc.name}: {drift}; run: python -m altlearn.docs --tables {doc.name}"
+    for _doc, m in _sourced_tables():
+        record = json.loads((docs.ROOT / m["path"]).with_suffix(".json").read_text())
+        provenance = record.get("provenance", record)
+        assert provenance.get("command") and re.fullmatch(
+            "[0-9a-f]{40}", provenance.get("commit", "")
+        ), f"{m['path']}: its JSON records no command or commit"
+
+
+def test_a_changed_digit_in_a_result_table_is_drift():
+    doc, m = _sourced_tables()[0]
+    text = doc.read_text()
+    digit = re.search(r"\d", m["body"])
+    start = m.start("body") + digit.start()
+    changed = text[:start] + str((int(text[start]) + 1) % 10) + text[start + 1 :]
+    assert len(docs.table_drift(changed)) == 1
+    assert docs.render_tables(changed) == text
 
 
 def test_readme_and_ci_run_the_same_test_command():

@@ -147,6 +147,15 @@ def test_statistics_use_the_sample_std_and_a_t_interval():
     assert report.cell(report.stats([0.5, 0.7]), digits=2).startswith("0.60 ± 0.14 [")
     with pytest.raises(ValueError, match="seeds must pair"):
         report.paired([1.0], [1.0, 2.0])
+    assert d["p"] == pytest.approx(scipy_stats.ttest_1samp([0.5, 1.0, 1.0], 0.0).pvalue)
+
+
+def test_holm_adjusts_the_smallest_p_most_and_keeps_the_order():
+    adjusted = report.holm([0.04, 0.01, float("nan"), 0.03])
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04)
+    assert adjusted[1] == pytest.approx(0.03) and adjusted[3] == pytest.approx(0.06)
+    assert adjusted[0] == pytest.approx(0.06) and math.isnan(adjusted[2])
+    assert report.holm([0.6, 0.7]) == [1.0, 1.0]
 
 
 def test_every_output_records_its_provenance(tmp_path):

@@ -89,8 +89,8 @@ STUDIES = {
     "persistent_kink": ("experiments.persistent_study", "--study=kink", "--inits=2",
                         "--iteration_steps=10", "--penalties=inverse"),
     "hybrid": ("experiments.hybrid_study", "--data=digits", "--methods=hybrid,bp", "--seeds=2",
-               "--set=steps=20", "--set=rule.es_every=10", "--set=rule.population_size=2",
-               "--set=model.channels=(4,)", "--set=model.dense=()"),
+               "--tune_seeds=1", "--set=steps=20", "--set=rule.es_every=10",
+               "--set=rule.population_size=2", "--set=model.channels=(4,)", "--set=model.dense=()"),
     "closed_form": ("experiments.closed_form_compare", "--data=wine", "--methods=adam",
                     "--alternations=3", "--steps=20", "--records=4", "--seeds=2",
                     "--max_steps=40"),
@@ -112,6 +112,15 @@ def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
         hybrid = document["results"]["digits"]["hybrid"]
         assert [p["step"] for p in hybrid["around_phases"]] == [10, 20]
         assert hybrid["vs_bp_test_accuracy"]["n"] == 2
+        # tuned alike: three grid points each on tuning seed 1000; the hybrid at bp's rate
+        tuning = document["tuning"]["digits"]
+        assert [len(tuning[m]["grid"]) for m in ("bp", "hybrid")] == [3, 3]
+        assert tuning["bp"]["seeds"] == [1000]
+        lr = tuning["bp"]["chosen"]["optimizer.learning_rate"]
+        assert hybrid["hparams"]["optimizer.learning_rate"] == pytest.approx(lr)
+        rows = [v["control"] for v in document["verdicts"]["digits"]]
+        assert rows == ["bp, final iterate", "bp, best iterate on validation"]
+        assert 0 <= document["verdicts"]["digits"][1]["test_accuracy"]["p_holm"] <= 1
     if name == "closed_form":
         assert "Adam's best training loss" in (tmp_path / f"{name}.md").read_text()
 

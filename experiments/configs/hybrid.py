@@ -9,10 +9,12 @@ methods: hybrid (elitist (1 + lambda) phases on all layers), reset (the same, th
 state re-initialised when a phase is accepted), head (phases on the classifier head only),
 no_selection (the same perturbations applied without selection), open_es (the phases run
 evosax's Open_ES in the same space), bp (backprop alone), bp_matched (backprop alone
-with extra steps that spend the forward passes the phases spent).
+with extra steps that spend the forward passes the phases spent), bp_trainval (backprop alone
+trained on the training AND validation samples: the labels the phases select on).
 
 scale=cpu (default): the small CNN (3-wide convolutions of 16 and 32 channels, dense 64) on
-digits (batch 64, 1500 steps) or mnist1d (batch 128, 3000 steps), Adam 1e-3; a phase every 100
+digits (batch 64, 1500 steps) or mnist1d (batch 128, 3000 steps), or the MLP 30-64-64-2 on
+breast_cancer (batch 32, 1000 steps), Adam 1e-3; a phase every 100
 steps of 8 offspring x 2 generations, noise 0.01 x each layer's weight std, scored on 512
 validation samples (data.validation_fraction 0.1). About 20 s (digits) / 60 s (mnist1d) per
 run after compilation on 2 CPU cores.
@@ -40,11 +42,13 @@ METHODS = {
     "open_es": ("hybrid", {"strategy": "Open_ES"}),
     "bp": ("backprop", {}),
     "bp_matched": ("backprop", {}),
+    "bp_trainval": ("backprop", {}),
 }
 CPU = {
-    # data: (batch, steps)
-    "digits": (64, 1500),
-    "mnist1d": (128, 3000),
+    # data: (batch, steps, model)
+    "digits": (64, 1500, "cnn"),
+    "mnist1d": (128, 3000, "cnn"),
+    "breast_cancer": (32, 1000, "mlp"),
 }
 ES = {"es_every": 100, "es_generations": 2, "population_size": 8, "noise_scale": 0.01}
 PAPER_ES = {"es_every": 391, "es_generations": 2, "population_size": 16, "val_size": 5000}
@@ -69,7 +73,7 @@ def get_config(arg: str | None = None):
     paper = v["scale"] == "paper"
     config = base_config(
         rule="hybrid" if rule == "hybrid" else "backprop",
-        model="vgg" if paper else "cnn",
+        model="vgg" if paper else CPU[v["data"]][2],
         data="cifar10" if paper else v["data"],
     )
     config.data.validation_fraction = 0.1
@@ -83,10 +87,13 @@ def get_config(arg: str | None = None):
         config.optimizer.schedule = "cosine"
         config.eval_every = 391
     else:
-        config.model.channels = (16, 32)
-        config.model.kernel_size = 3
-        config.model.dense = (64,)
-        config.batch_size, config.steps = CPU[v["data"]]
+        if config.model.name == "cnn":
+            config.model.channels = (16, 32)
+            config.model.kernel_size = 3
+            config.model.dense = (64,)
+        else:
+            config.model.widths = (64, 64)
+        config.batch_size, config.steps, _ = CPU[v["data"]]
         config.optimizer.name = "adam"
         config.optimizer.learning_rate = 1e-3
         config.eval_every = 100
@@ -98,4 +105,6 @@ def get_config(arg: str | None = None):
         cost = resolve({"name": "hybrid", **es}).cost(None, Sizes(config.batch_size))
         extra = cost / 3.0 - 1.0
         config.steps = int(round(config.steps * (1.0 + extra)))
+    if v["method"] == "bp_trainval":  # the validation labels the phases select on, trained on
+        config.data.train_on_validation = True
     return config

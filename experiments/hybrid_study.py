@@ -32,12 +32,15 @@ fitting those samples. ``s / step`` is the steady-state time per step with the p
 share (``driver.step_seconds``); a phase's own wall time is in the training runner's
 ``metrics.jsonl`` (``phase_time_s``) and in ``benchmarks.hybrid``.
 
-Writes ``NAME.json`` (every number), ``NAME.md`` (the tables) and ``NAME.png`` to ``--workdir``.
+Writes ``NAME.json`` (every number), ``NAME.md`` (the tables) and ``NAME.png`` to ``--workdir``;
+every finished chunk of runs goes to ``NAME_chunks/`` there, so a killed study run again with
+the same flags resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,14 +61,14 @@ def phase_steps(config) -> list[int]:
     return [t for t in range(1, int(config.steps) + 1) if is_phase(t)]
 
 
-def run_method(config, seeds: int, phases: list[int]) -> dict[str, Any]:
+def run_method(config, seeds: int, phases: list[int], **saved: Any) -> dict[str, Any]:
     """All seeds through the driver, evaluated before and after every phase step and every
     ``eval_every`` steps to the end (the best iterate's candidates: the same steps for every
     method up to the shortest run)."""
     every = int(config.eval_every)
     grid = range(every, int(config.steps) + 1, every)
     eval_at = sorted({*grid, *(s for t in phases for s in (t - 1, t))})
-    runs = driver.run(config, seeds=range(seeds), eval_at=eval_at)
+    runs = driver.run(config, seeds=range(seeds), eval_at=eval_at, **saved)
     at = {step: i for i, step in enumerate(runs.steps)}
     curve = lambda name, step: runs.curves[name][:, at[step]]
     around = []
@@ -110,7 +113,7 @@ CONTROLS = (
 )
 
 
-def tune_methods(chosen: dict[str, Any], seeds: int, by: str) -> dict[str, Any]:
+def tune_methods(chosen: dict[str, Any], seeds: int, by: str, save=None) -> dict[str, Any]:
     """Every method tuned on three grid points (see the module docstring); returns each
     method's tuning record. bp first: its learning rate is the start of the others'."""
     records: dict[str, Any] = {}
@@ -122,7 +125,7 @@ def tune_methods(chosen: dict[str, Any], seeds: int, by: str) -> dict[str, Any]:
         if method == "bp_trainval":
             continue  # its validation split is trained on: bp's choice
         spec = NOISE_GRID if config.rule.name == "hybrid" else LR_GRID
-        tuning = tune.tune(config, [spec], seeds, by)
+        tuning = tune.tune(config, [spec], seeds, by, **(save(f"tune_{method}") if save else {}))
         tune.apply(config, tuning.chosen)
         records[method] = tuning.record()
     return records
@@ -143,19 +146,32 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def study(
-    datasets: list[str], methods: list[str], seeds: int, sets=(), tune_seeds=0, by="val_loss"
+    datasets: list[str],
+    methods: list[str],
+    seeds: int,
+    sets=(),
+    tune_seeds=0,
+    by="val_loss",
+    save_dir=None,
 ) -> dict[str, Any]:
+    """``save_dir``: every run's finished chunks are saved there, and a study run again with the
+    same arguments loads them instead of training (a killed study resumes)."""
     out: dict[str, Any] = {"seeds": seeds, "methods": methods, "sets": list(sets), "results": {}}
     out["tuning"], out["verdicts"] = {}, {}
     for data in datasets:
         chosen = configs(data, methods, list(sets))
         reference = chosen.pop("reference")
+
+        def save(name, data=data):
+            return {} if save_dir is None else {"save_dir": save_dir, "name": f"{data}_{name}"}
+
         if tune_seeds:
-            out["tuning"][data] = tune_methods(chosen, tune_seeds, by)
+            out["tuning"][data] = tune_methods(chosen, tune_seeds, by, save)
         results = {}
         for method, config in chosen.items():
             own = config.rule.name == "hybrid"
-            results[method] = run_method(config, seeds, phase_steps(config if own else reference))
+            phases = phase_steps(config if own else reference)
+            results[method] = run_method(config, seeds, phases, **save(method))
             results[method]["hparams"] = {
                 k: float(v) for k, v in config_lib.hparams(config).items()
             }
@@ -292,6 +308,7 @@ def main(argv: list[str]) -> None:
             _SET.value,
             _TUNE_SEEDS.value,
             _TUNE_BY.value,
+            save_dir=Path(_WORKDIR.value) / f"{_NAME.value}_chunks",
         )
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -87,7 +87,7 @@ STUDIES = {
     "persistent_toy": ("experiments.persistent_study", "--study=toy", "--iterations=2",
                        "--steps=20"),
     "persistent_kink": ("experiments.persistent_study", "--study=kink", "--inits=2",
-                        "--iteration_steps=10", "--penalties=inverse"),
+                        "--iteration_steps=10", "--penalties=inverse", "--distances=function"),
     "hybrid": ("experiments.hybrid_study", "--data=digits", "--methods=hybrid,bp", "--seeds=2",
                "--tune_seeds=1", "--set=steps=20", "--set=rule.es_every=10",
                "--set=rule.population_size=2", "--set=model.channels=(4,)", "--set=model.dense=()"),
@@ -121,6 +121,12 @@ def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
         rows = [v["control"] for v in document["verdicts"]["digits"]]
         assert rows == ["bp, final iterate", "bp, best iterate on validation"]
         assert 0 <= document["verdicts"]["digits"][1]["test_accuracy"]["p_holm"] <= 1
+    if name == "persistent_kink":  # baselines tuned on as many points as a penalty's grid
+        tuning = document["tuning"]
+        assert len(tuning["one long run"]["grid"]) == len(tuning["restarts"]["grid"]) == 9
+        assert list(document["results"])[2] == "persistent (inverse, function distance)"
+        lr = document["chosen"]["restarts"]["optimizer.learning_rate"]
+        assert lr == tuning["restarts"]["chosen"]["optimizer.learning_rate"]
     if name == "closed_form":
         assert "Adam's best training loss" in (tmp_path / f"{name}.md").read_text()
 

@@ -134,6 +134,7 @@ class Provenance:
 
     def __init__(self, module: str | None = None):
         self.command = command_line(module)
+        self._source = git_commit()  # the code that runs: as it is now, not when it ends
         self._cpu = cpu_seconds()
         self._wall = time.perf_counter()
         self._started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -142,7 +143,7 @@ class Provenance:
         wall = time.perf_counter() - self._wall
         return {
             "command": self.command,
-            **git_commit(),
+            **self._source,
             "versions": versions(),
             "machine": machine_facts(),
             "started": self._started,

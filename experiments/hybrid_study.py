@@ -97,7 +97,10 @@ def configs(data: str, methods: list[str], sets: list[str]) -> dict[str, Any]:
     phase steps every method is evaluated around (``"reference"``)."""
     out = {m: hybrid_configs.get_config(f"method={m},data={data}") for m in methods}
     out["reference"] = hybrid_configs.get_config(f"method=hybrid,data={data}")
+    ratio = {m: c.steps / out["reference"].steps for m, c in out.items()}  # bp_matched's > 1
     config_lib.apply_sets(list(out.values()), sets)
+    for method, config in out.items():  # a --set of the steps keeps bp_matched's extra share
+        config.steps = int(round(out["reference"].steps * ratio[method]))
     return out
 
 

@@ -8,7 +8,7 @@ from conftest import run_module
 
 from altlearn import config as config_lib
 from altlearn.train import Experiment
-from experiments import compare
+from experiments import compare, hybrid_study
 from experiments.configs import np_family
 
 
@@ -129,6 +129,15 @@ def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
         assert lr == tuning["restarts"]["chosen"]["optimizer.learning_rate"]
     if name == "closed_form":
         assert "Adam's best training loss" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_hybrid_study_keeps_bp_matched_s_extra_steps_when_the_steps_are_set():
+    default = hybrid_study.configs("digits", ["bp", "bp_matched"], [])
+    share = default["bp_matched"].steps / default["bp"].steps
+    assert share > 1.2  # the phases' forward passes as extra steps
+    shorter = hybrid_study.configs("digits", ["bp", "bp_matched"], ["steps=100"])
+    assert shorter["bp"].steps == 100
+    assert shorter["bp_matched"].steps == round(100 * share)
 
 
 BINARIES = {

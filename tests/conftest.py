@@ -35,6 +35,8 @@ def pytest_collection_modifyitems(config, items):
     """The slow tests first: with the workers busy on them early, the suite ends on short
     tests, not on one worker finishing a long one while the other waits."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 FIGURES = ("step", "train_loss", "val_loss", "test_loss", "test_accuracy")
 
 

@@ -16,10 +16,17 @@ come from the config (or ``--steps``) unless a budget gives every method the sam
 forward passes (``--budget_forward_passes``) or the same training time on this machine
 (``--budget_seconds``) instead.
 
+``--budgets=steps,passes,seconds`` reports every method three ways from one tuning: at equal
+steps (the config's, or ``--steps``), at the forward passes the FIRST method spends in those
+steps (its cost per step times its steps: each method's steps = that / its own cost), and at
+the training time the first method takes for them on this machine (``driver.step_seconds``, all
+seeds vmapped, compile apart). A table (and a panel) per dataset and budget.
+
 ``--tune=KEY=SPEC`` (repeatable; SPEC as ``experiments.sweep``'s) tunes every method the same
 way (``altlearn.tune``): each method's grid of the keys its config has, on tuning seeds 1000..
 (``--tune_seeds`` of them), chosen by the mean final ``--tune_by`` (val_loss, val_accuracy or
-train_loss), then trained on the reported seeds 0.. and reported on test.
+train_loss) at equal steps, then trained on the reported seeds 0.. (at every budget) and
+reported on test.
 """
 
 from __future__ import annotations
@@ -65,11 +72,31 @@ def set_steps(config, seeds: int, steps=None, eval_every=None, passes=0, seconds
     config.eval_every = int(eval_every or -(-config.steps // EVALUATIONS))
 
 
-def run_method(config, seeds: int, tune_specs, tune_seeds: int, tune_by: str) -> dict:
-    """Tunes (if asked), trains the seeds through the driver, and times a step."""
-    tuned = tune.tune(config, tune_specs, tune_seeds, tune_by) if tune_specs else None
-    if tuned is not None:
-        tune.apply(config, tuned.chosen)
+BUDGETS = {
+    "steps": "equal steps",
+    "passes": "equal forward passes",
+    "seconds": "equal training time",
+}
+
+
+def check_budgets(budgets) -> None:
+    bad = [b for b in budgets if b not in BUDGETS]
+    if bad or not budgets:
+        raise ValueError(f"--budgets={','.join(budgets)}: valid choices: {', '.join(BUDGETS)}.")
+
+
+def budget_of(config, seeds: int, budget: str) -> float:
+    """What ``config``'s run spends at its steps: forward passes or seconds (0 for steps)."""
+    if budget == "passes":
+        return float(config.steps) * Experiment(config).step_cost
+    if budget == "seconds":
+        return float(config.steps) * driver.step_seconds(config, range(seeds))
+    return 0.0
+
+
+def run_method(config, seeds: int, tuned: tune.Tuning | None = None) -> dict:
+    """Trains the seeds through the driver (``tuned``: the tuning that chose its values), and
+    times a step."""
     runs = driver.run(config, seeds=range(seeds))
     curves = [
         {"step": step, **{k: v[:, i].tolist() for k, v in runs.curves.items() if k != "step"}}
@@ -92,13 +119,17 @@ def table(results: dict) -> str:
     lines = []
     for data, methods in results.items():
         first_name, first = next(iter(methods.items()))
+        spent = ""
+        if first.get("budget") in ("passes", "seconds"):
+            unit = "forward passes" if first["budget"] == "passes" else "s of training"
+            spent = f" Every method gets {first['budget_value']:.4g} {unit}."
         metric = "test_accuracy" if "test_accuracy" in first["final"] else "test_loss"
         seeds = len(first["final"][metric])
         lines += [
             f"### {data}",
             "",
             f"{metric}: mean ± sample std [95% t interval] over {seeds} seeds; the paired "
-            f"difference to {first_name} (same seeds: same initialisation and batches).",
+            f"difference to {first_name} (same seeds: same initialisation and batches).{spent}",
             "",
             f"| method | {metric} | minus {first_name} | train loss | grad cosine | "
             "forward passes / step | steps | time / step | run time |",
@@ -137,6 +168,12 @@ def main(argv: list[str]) -> None:
     try:
         report.prepare_workdir(_WORKDIR.value)
         tune.check_by(_TUNE_BY.value)
+        check_budgets(_BUDGETS.value)
+        if len(_BUDGETS.value) > 1 and (_BUDGET_PASSES.value or _BUDGET_SECONDS.value):
+            raise ValueError(
+                "--budgets derives the budgets from the first method; give "
+                "--budget_forward_passes / --budget_seconds without it."
+            )
         plans = {
             data: method_configs(_CONFIG.value, _METHODS.value, data, _EXTRA.value, _SET.value)
             for data in _DATA.value
@@ -148,17 +185,34 @@ def main(argv: list[str]) -> None:
             tune.check_specs(list(configs.values()), _TUNE.value)
         results: dict[str, dict] = {}
         for data, configs in plans.items():
-            results[data] = {}
+            tuned = {}
             for method, config in configs.items():
                 configure_jax(config)  # 64-bit mode for rules that solve in float64
                 set_steps(
                     config, _SEEDS.value, _STEPS.value, _EVAL_EVERY.value,
                     _BUDGET_PASSES.value, _BUDGET_SECONDS.value,
                 )  # fmt: skip
-                results[data][method] = run_method(
-                    config, _SEEDS.value, _TUNE.value, _TUNE_SEEDS.value or _SEEDS.value,
-                    _TUNE_BY.value,
-                )  # fmt: skip
+                if _TUNE.value:  # once, at equal steps, for every budget
+                    tuned[method] = tune.tune(
+                        config, _TUNE.value, _TUNE_SEEDS.value or _SEEDS.value, _TUNE_BY.value
+                    )
+                    if tuned[method] is not None:
+                        tune.apply(config, tuned[method].chosen)
+            first = next(iter(configs.values()))
+            for budget in _BUDGETS.value:
+                label = data if _BUDGETS.value == ["steps"] else f"{data}, {BUDGETS[budget]}"
+                spend = budget_of(first, _SEEDS.value, budget)
+                results[label] = {}
+                for method, base in configs.items():
+                    config = base.copy_and_resolve_references()
+                    configure_jax(config)
+                    if budget != "steps" and base is not first:  # the first spends its steps
+                        set_steps(
+                            config, _SEEDS.value, None, None,
+                            spend if budget == "passes" else 0, spend if budget == "seconds" else 0,
+                        )  # fmt: skip
+                    r = run_method(config, _SEEDS.value, tuned.get(method))
+                    results[label][method] = {**r, "budget": budget, "budget_value": spend}
     except ValueError as e:
         sys.exit(f"error: {e}")
     text = table(results)
@@ -188,6 +242,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     )
     _BUDGET_SECONDS = flags.DEFINE_float(
         "budget_seconds", 0.0, "Give every method this much training time (0: off)."
+    )
+    _BUDGETS = flags.DEFINE_list(
+        "budgets", ["steps"], f"Report at these budgets: {', '.join(BUDGETS)} (one tuning)."
     )
     _TUNE = flags.DEFINE_multi_string(
         "tune", [], "KEY=SPEC: each method's grid of the keys it has (altlearn.tune)."

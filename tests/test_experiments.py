@@ -69,15 +69,20 @@ def test_compare_takes_config_variants_and_any_registered_rule():
 
 @pytest.mark.slow
 def test_compare_binary_end_to_end(tmp_path):
+    """At equal steps and at the forward passes bp spends in them (np: 2 a step, bp: 3)."""
     result = run_module(
-        "experiments.compare", "--methods=bp,np", "--data=digits", "--seeds=2", "--steps=5",
-        "--eval_every=2", "--set=model.widths=(16,)", f"--workdir={tmp_path}",
+        "experiments.compare", "--methods=bp,np", "--data=digits", "--seeds=2", "--steps=6",
+        "--eval_every=2", "--set=model.widths=(16,)", "--budgets=steps,passes",
+        f"--workdir={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads((tmp_path / "compare.json").read_text())
-    np_run = document["results"]["digits"]["np"]
-    assert [c["step"] for c in np_run["curves"]] == [0, 2, 4, 5]  # a last, shorter interval
+    np_run = document["results"]["digits, equal steps"]["np"]
+    assert [c["step"] for c in np_run["curves"]] == [0, 2, 4, 6]
     assert np_run["forward_passes"] == 2 and np_run["tuned"] is None
+    passes = document["results"]["digits, equal forward passes"]
+    assert passes["bp"]["steps"] == 6 and passes["np"]["steps"] == 9  # 18 passes each
+    assert passes["np"]["budget_value"] == 18
     assert document["provenance"]["command"].startswith("python -m experiments.compare")
     table = (tmp_path / "compare.md").read_text()
     assert "minus bp" in table and "[" in table and (tmp_path / "compare.png").exists()

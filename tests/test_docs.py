@@ -72,6 +72,22 @@ def test_gpu_bench_names_its_parts_on_a_bad_one():
     )
 
 
+def test_results_script_names_its_parts_and_writes_every_sourced_file():
+    """scripts/results refuses an unknown part before it starts anything, and each output file
+    a sourced table of docs/results names is one its parts write."""
+    script = (README.parent / "scripts" / "results").read_text()
+    done = subprocess.run(
+        ["bash", str(README.parent / "scripts" / "results"), "speed"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Unknown part 'speed'; valid choices: baseline" in done.stderr
+    for _doc, m in _sourced_tables():
+        stem = Path(m["path"]).stem
+        if m["path"].startswith("docs/results/"):
+            assert f"--name={stem} " in script or f"--name={stem}\n" in script, stem
+
+
 def test_readme_rule_example_runs_and_learns():
     """The whole rule module shown in README's "Adding a learning rule" works as written: its
     stateful estimator keeps the fixed feedback matrices, and it learns the tiny digits task."""

@@ -4,6 +4,10 @@ validation figure.
     tuning = tune(config, ["optimizer.learning_rate=logspace(-4,-2,5)", "rule.sigma=[1e-3,1e-2]"])
     apply(config, tuning.chosen)
 
+``size=N`` gives every method of a table the same number of grid points: a method without some
+of the keys (backprop has no ``rule.sigma``) gets its first key's values refined between the
+same ends (``refine``), so it is not tuned on fewer points than the others.
+
 Every point of the grid (the ``--sweep`` forms of ``altlearn.sweep``) times every tuning seed
 trains as one vmapped program (``altlearn.driver``); the point with the best mean FINAL figure
 ``by`` over the tuning seeds is chosen: the lowest ``val_loss`` (default), the highest
@@ -78,22 +82,52 @@ def check_specs(configs: Sequence[ml_collections.ConfigDict], specs: Sequence[st
             driver.check_points(Experiment(config), sweep_lib.points(axes)[1])
 
 
+def grid_size(config: ml_collections.ConfigDict, specs: Sequence[str]) -> int:
+    """The number of points of ``config``'s grid (the specs it has; 0 if none)."""
+    mine = applicable(config, specs)
+    axes = [sweep_lib.parse_axis(config, spec, int(config.seed), "--tune") for spec in mine]
+    return len(sweep_lib.points(axes)[1]) if axes else 0
+
+
+def refine(axes: list[sweep_lib.Axis], size: int) -> list[sweep_lib.Axis]:
+    """``axes`` with the first one refined to ``size`` / (the others' points) values between the
+    same ends (geometric if they are positive, else even), so a method that lacks some of the
+    keys is tuned on as many points as one that has them all."""
+    if not axes:
+        return axes
+    others = int(np.prod([len(a.values) for a in axes[1:]]))
+    count = size // others
+    first = axes[0]
+    if count <= len(first.values):
+        return axes
+    low, high = min(first.values), max(first.values)
+    if low > 0:
+        values = np.geomspace(low, high, count)
+    else:
+        values = np.linspace(low, high, count)
+    return [first._replace(values=tuple(float(v) for v in values)), *axes[1:]]
+
+
 def tune(
     config: ml_collections.ConfigDict,
     specs: Sequence[str],
     seeds: int | Sequence[int] = 1,
     by: str = "val_loss",
+    size: int = 0,
     **run_options: Any,
 ) -> Tuning | None:
     """The point of the grid ``specs`` (the keys ``config`` has) with the best mean final
     ``by`` over the tuning ``seeds`` (a count: ``TUNE_SEEDS_FROM`` on; or the seeds). None if no
-    key applies. ``run_options`` go to ``driver.run`` (``memory_budget_mb``, ``dataset``...)."""
+    key applies. ``size``: refine the grid to this many points if it has fewer (``refine``: the
+    same grid size for every method of a table). ``run_options`` go to ``driver.run``
+    (``memory_budget_mb``, ``dataset``...)."""
     check_by(by)
     mine = applicable(config, specs)
     if not mine:
         return None
     seeds = tuning_seeds(seeds) if isinstance(seeds, int) else [int(s) for s in seeds]
     axes = [sweep_lib.parse_axis(config, spec, int(config.seed), "--tune") for spec in mine]
+    axes = refine(axes, size)
     grid = sweep_lib.points(axes)[1]
     t = time.perf_counter()
     runs = driver.run(config, grid, seeds, eval_at=(), **run_options)

@@ -25,7 +25,9 @@ seeds vmapped, compile apart). A table (and a panel) per dataset and budget.
 ``--tune=KEY=SPEC`` (repeatable; SPEC as ``experiments.sweep``'s) tunes every method the same
 way (``altlearn.tune``): each method's grid of the keys its config has, on tuning seeds 1000..
 (``--tune_seeds`` of them), chosen by the mean final ``--tune_by`` (val_loss, val_accuracy or
-train_loss) at equal steps, then trained on the reported seeds 0.. (at every budget) and
+train_loss) at equal steps, on as many grid points for every method (``--tune_equal_size``: a
+method without a key, backprop without ``rule.sigma``, gets its first key refined between the
+same ends), then trained on the reported seeds 0.. (at every budget) and
 reported on test.
 """
 
@@ -186,6 +188,8 @@ def main(argv: list[str]) -> None:
         results: dict[str, dict] = {}
         for data, configs in plans.items():
             tuned = {}
+            size = max(tune.grid_size(c, _TUNE.value) for c in configs.values())
+            size = size if _TUNE_EQUAL.value else 0
             for method, config in configs.items():
                 configure_jax(config)  # 64-bit mode for rules that solve in float64
                 set_steps(
@@ -194,7 +198,11 @@ def main(argv: list[str]) -> None:
                 )  # fmt: skip
                 if _TUNE.value:  # once, at equal steps, for every budget
                     tuned[method] = tune.tune(
-                        config, _TUNE.value, _TUNE_SEEDS.value or _SEEDS.value, _TUNE_BY.value
+                        config,
+                        _TUNE.value,
+                        _TUNE_SEEDS.value or _SEEDS.value,
+                        _TUNE_BY.value,
+                        size,
                     )
                     if tuned[method] is not None:
                         tune.apply(config, tuned[method].chosen)
@@ -248,6 +256,12 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     )
     _TUNE = flags.DEFINE_multi_string(
         "tune", [], "KEY=SPEC: each method's grid of the keys it has (altlearn.tune)."
+    )
+    _TUNE_EQUAL = flags.DEFINE_bool(
+        "tune_equal_size",
+        True,
+        "Every method tuned on as many points: a method lacking a key (bp: rule.sigma) gets its "
+        "first key's values refined between the same ends.",
     )
     _TUNE_SEEDS = flags.DEFINE_integer(
         "tune_seeds", 0, "Tuning seeds per grid point (1000, 1001, ...; 0: as many as --seeds)."

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_program, tiny_config
 from scipy import stats as scipy_stats
 
-from altlearn import driver, report, runner, tune
+from altlearn import driver, report, runner, sweep, tune
 from altlearn.train import eval_steps, make_train
 
 
@@ -133,6 +133,21 @@ def test_the_tuner_chooses_by_validation_on_tuning_seeds_and_skips_keys_a_config
     assert tune.tune(backprop, ["rule.sigma=[1e-2]"], 1) is None  # backprop has no sigma
     with pytest.raises(ValueError, match="'rule.sgima' is no method's sweepable float"):
         tune.check_specs([config, backprop], ["rule.sgima=[1]"])
+
+
+def test_a_method_lacking_a_key_is_tuned_on_as_many_points():
+    """backprop has no rule.sigma: its learning rates are refined between the same ends, so its
+    grid has as many points as node perturbation's."""
+    specs = ["optimizer.learning_rate=[1e-4,1e-3,1e-2]", "rule.sigma=[1e-3,1e-2]"]
+    np_config = tiny_config("node_perturbation", steps=2)
+    backprop = tiny_config("backprop", steps=2)
+    assert tune.grid_size(np_config, specs) == 6 and tune.grid_size(backprop, specs) == 3
+    axes = [sweep.parse_axis(backprop, specs[0], 0, "--tune")]
+    (refined,) = tune.refine(axes, 6)
+    np.testing.assert_allclose(refined.values, np.geomspace(1e-4, 1e-2, 6))
+    assert tune.refine(axes, 3) == axes  # already that size
+    two = [sweep.parse_axis(np_config, spec, 0, "--tune") for spec in specs]
+    assert tune.refine(two, 6) == two
 
 
 def test_statistics_use_the_sample_std_and_a_t_interval():

@@ -66,7 +66,7 @@ import numpy as np
 import optax
 from absl import app
 
-from altlearn import losses, models, rules
+from altlearn import losses, models, report, rules
 from altlearn.rules.closed_form import (
     hidden_normal_equations,
     hidden_solve,
@@ -443,19 +443,19 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_outputs(result: dict[str, Any], prefix: str | Path) -> tuple[Path, Path]:
+def write_outputs(result: dict[str, Any], prefix: str | Path, provenance=None) -> tuple[Path, Path]:
     """``prefix``.json and ``prefix``.md."""
     prefix = Path(prefix)
-    json_path = write_json(result, prefix.with_name(prefix.name + ".json"))
-    md_path = prefix.with_name(prefix.name + ".md")
-    md_path.write_text(markdown_tables(result) + "\n")
-    return json_path, md_path
+    json_path = prefix.with_name(prefix.name + ".json")
+    write_json(result, json_path, markdown_tables(result), provenance)
+    return json_path, json_path.with_suffix(".md")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     jax.config.update("jax_enable_x64", True)  # before anything is built, as configure_jax does
+    provenance = report.Provenance("benchmarks.closed_form")
     try:
         result = measure(
             sizes=tuple(int(n) for n in _SIZES.value),
@@ -477,7 +477,7 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     result["command"] = command_line("benchmarks.closed_form")
-    json_path, md_path = write_outputs(result, _OUT.value)
+    json_path, md_path = write_outputs(result, _OUT.value, provenance)
     print(markdown_tables(result))
     print()
     print(summary(result))

@@ -50,6 +50,7 @@ import numpy as np
 from absl import app
 from jax.flatten_util import ravel_pytree
 
+from altlearn import report
 from altlearn.config import base_config
 from altlearn.rules._population import activation_bytes, chunk_size_for, evaluate_population
 from altlearn.train import Experiment
@@ -435,6 +436,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    provenance = report.Provenance("benchmarks.evolution")
     result = measure(
         tuple(int(p) for p in _POPULATIONS.value),
         _OVERHEAD_POPULATION.value,
@@ -448,7 +450,7 @@ def main(argv: list[str]) -> None:
         _DATA.value,
     )
     result["command"] = command_line("benchmarks.evolution")
-    out = write_json(result, _OUT.value)
+    out = write_json(result, _OUT.value, markdown_tables(result), provenance)
     print(markdown_tables(result))
     print(f"\nWrote {out}.")
 

@@ -29,7 +29,6 @@ the same work.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from altlearn import models
+from altlearn import models, report
 from altlearn.report import (  # the machine facts, shared with every binary's report
     command_line,  # noqa: F401
     cpu_seconds,
@@ -185,10 +184,14 @@ def busy_cores_line(result: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------------- output
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
+def write_json(
+    result: dict[str, Any], path: str | Path, text: str = "", provenance: Any = None
+) -> Path:
+    """``path`` (``result`` and the run's provenance: command, commit, versions, machine) and
+    the markdown ``text`` beside it (same name, ``.md``), through ``altlearn.report.write``;
+    ``provenance``: the ``report.Provenance`` started with the run (default: started now)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    report.write(path.parent, path.stem, result, text, provenance or report.Provenance())
     return path
 
 

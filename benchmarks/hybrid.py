@@ -21,6 +21,7 @@ import numpy as np
 from absl import app
 
 from altlearn import data as data_lib
+from altlearn import report
 from altlearn.train import Experiment
 from benchmarks.harness import (
     Loop,
@@ -103,13 +104,14 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    provenance = report.Provenance("benchmarks.hybrid")
     result = {
         "command": command_line("benchmarks.hybrid"),
         "machine": machine_facts(),
         "repeats": _REPEATS.value,
         **measure(_SCALE.value, _DATA.value, _REPEATS.value, _CHUNKS.value),
     }
-    out = write_json(result, _OUT.value)
+    out = write_json(result, _OUT.value, markdown_table(result), provenance)
     print(markdown_table(result))
     print(f"\nWrote {out}.")
 

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 from absl import app
 
+from altlearn import report
 from altlearn.train import Experiment
 from benchmarks.harness import (
     Loop,
@@ -206,13 +207,14 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    provenance = report.Provenance("benchmarks.overhead")
     try:
         result = measure(_CONFIG.value, _CHUNK_STEPS.value, _REPEATS.value, _MATMUL_SIZE.value)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     result["command"] = command_line("benchmarks.overhead")
-    out = write_json(result, _OUT.value)
+    out = write_json(result, _OUT.value, markdown_table(result), provenance)
     print(markdown_table(result))
     print(f"\nWrote {out}.")
 

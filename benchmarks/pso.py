@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from absl import app
 
+from altlearn import report
 from altlearn.config import base_config
 from altlearn.rules.neuron_pso import neurons_of
 from altlearn.train import Experiment
@@ -381,6 +382,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    provenance = report.Provenance("benchmarks.pso")
     result = measure(
         data=_DATA.value,
         widths=tuple(int(w) for w in _WIDTHS.value),
@@ -393,7 +395,7 @@ def main(argv: list[str]) -> None:
         full_batch=_FULL_BATCH.value,
     )
     result = {"command": command_line("benchmarks.pso"), **result}
-    out = write_json(result, _OUT.value)
+    out = write_json(result, _OUT.value, markdown_tables(result), provenance)
     print(markdown_tables(result))
     print(f"\nWrote {out}.")
 

@@ -24,6 +24,7 @@ import numpy as np
 from absl import app
 
 from altlearn import data as data_lib
+from altlearn import report
 from altlearn.train import Experiment
 from benchmarks.harness import (
     Loop,
@@ -138,6 +139,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    provenance = report.Provenance("benchmarks.rules")
     configs, dataset = method_configs(_METHODS.value, _DATA.value, _SCALE.value)
     measured = measure(configs, _CHUNK.value, _REPEATS.value, dataset)
     first = next(iter(configs.values()))
@@ -149,7 +151,7 @@ def main(argv: list[str]) -> None:
         "repeats": _REPEATS.value,
         **measured,
     }
-    out = write_json(result, _OUT.value)
+    out = write_json(result, _OUT.value, markdown_table(result), provenance)
     print(markdown_table(result))
     print(f"\nWrote {out}.")
 

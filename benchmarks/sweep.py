@@ -117,10 +117,14 @@ def measure(
         t = time.perf_counter()
         compiled = jax.jit(train).lower(keys[0], hparams(0)).compile()
         compile_s = time.perf_counter() - t
+        before = len(compiles.durations)
         t = time.perf_counter()
         for i, s in timed:
             jax.block_until_ready(compiled(keys[s], hparams(i))[1])
-        return {"compile_s": compile_s, "steady_s": time.perf_counter() - t}
+        steady_s = time.perf_counter() - t
+        # Compilations while the runs ran (none: the program compiled once serves them all)
+        return {"compile_s": compile_s, "steady_s": steady_s,
+                "compiles_during_runs": len(compiles.durations) - before}  # fmt: skip
 
     start, t = report.cpu_seconds(), time.perf_counter()
     out["sweep"] = compiles.measure(sweep)

@@ -172,7 +172,7 @@ def snapshots(runs: driver.Runs, group: int = 1) -> dict[str, np.ndarray]:
     return out
 
 
-def compare_methods(methods: dict[str, Any], k: int, seeds: int) -> dict[str, Any]:
+def compare_methods(methods: dict[str, Any], k: int, seeds: int, **options: Any) -> dict[str, Any]:
     """Each method on the reported seeds 0 .. seeds - 1: ``methods[name] = (config, kind,
     tuned point or None)``."""
     results = {}
@@ -181,11 +181,14 @@ def compare_methods(methods: dict[str, Any], k: int, seeds: int) -> dict[str, An
             keys = np.concatenate(
                 [jax.random.split(jax.random.PRNGKey(s), k) for s in range(seeds)]
             )
-            runs = driver.run(config, [point or {}], range(seeds * k), keys=keys, eval_at=())
+            runs = driver.run(
+                config, [point or {}], range(seeds * k), keys=keys, eval_at=(), **options
+            )
             chosen = snapshots(runs, k)
         else:
             t = int(config.steps) // k
-            runs = driver.run(config, [point or {}], range(seeds), eval_at=range(t, k * t, t))
+            at = range(t, k * t, t)
+            runs = driver.run(config, [point or {}], range(seeds), eval_at=at, **options)
             # persistent reports its own choice (the end point with the lowest val loss)
             chosen = {key: runs.final(key)[0] for key in FIGURES if key in runs.curves}
             chosen = chosen if kind == "persistent" else snapshots(runs)
@@ -216,7 +219,9 @@ def kink_study(
     steps: int = 0,
     penalties: tuple[str, ...] = PENALTIES,
     distances: tuple[str, ...] = ("parameter", "function"),
+    **options: Any,
 ) -> dict[str, Any]:
+    """``options`` go to every ``driver.run`` (``memory_budget_mb``: chunk the members)."""
     study_config = functools.partial(_config, steps=steps)
     persistent = study_config("kink", "persistent")
     k, steps = int(persistent.rule.num_iterations), int(persistent.rule.iteration_steps)
@@ -226,7 +231,7 @@ def kink_study(
         ("restarts", "restart", "restarts"),
     ):
         config = study_config("kink", method)  # the baselines' learning rate, tuned alike
-        tuning[name] = tune.tune(config, BASELINE_GRID, inits).record()
+        tuning[name] = tune.tune(config, BASELINE_GRID, inits, **options).record()
         methods[name] = (config, kind, tuning[name]["chosen"])
     for distance in distances:  # per distance: the penalty, lambda and tau / p
         mine = {}
@@ -234,7 +239,7 @@ def kink_study(
             config = study_config("kink", "persistent", penalty=penalty)
             config.rule.distance = distance
             grid = DISTANCE_GRIDS.get((penalty, distance), DEFAULT_GRID)
-            mine[penalty] = tune.tune(config, grid, inits).record()
+            mine[penalty] = tune.tune(config, grid, inits, **options).record()
             tuning[f"{penalty}, {distance}"] = mine[penalty]
         penalty = min(mine, key=lambda p: min(mine[p]["scores"]))
         config = study_config("kink", "persistent", penalty=penalty)
@@ -244,7 +249,7 @@ def kink_study(
             "persistent",
             mine[penalty]["chosen"],
         )
-    results = compare_methods(methods, k, inits)
+    results = compare_methods(methods, k, inits, **options)
     for r in results.values():
         r["fraction_below_good_loss"] = float(np.mean(np.asarray(r["train_loss"]) < good_loss))
     return {
@@ -285,7 +290,8 @@ def kink_table(result: dict[str, Any]) -> str:
         f"{n} initialisations, every method's settings chosen by validation loss on {n} others "
         "(the chosen values: `chosen` in the JSON); mean ± sample std [95% t interval]; the "
         f"fraction below {good:g} with its 95% Clopper-Pearson interval; p: Fisher's exact test "
-        "of that fraction against the first persistent row (not corrected: 3 tests).",
+        f"of that fraction against the first persistent row (not corrected: "
+        f"{len(result['results']) - 1} tests).",
         "",
         f"| method | train loss | median | fraction below {good:g} | p | test loss |",
         "|---|---|---|---|---|---|",
@@ -372,6 +378,7 @@ STUDIES = {
             _T.value,
             tuple(_PENALTIES.value),
             tuple(_DISTANCES.value),
+            memory_budget_mb=_MEMORY.value,
         ),
         kink_table,
         kink_plot,
@@ -417,6 +424,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
         ["parameter", "function"],
         ["parameter", "function"],
         "kink: the distances, each with its own tuned penalty (a persistent row each).",
+    )
+    _MEMORY = flags.DEFINE_float(
+        "memory_budget_mb", 0.0, "kink: run the members in chunks that fit this (0: all at once)."
     )
     _GOOD_LOSS = flags.DEFINE_float("good_loss", 0.01, "kink: the training loss called good.")
     _DATA = flags.DEFINE_list("data", ["digits", "mnist1d"], "cnn: datasets.")

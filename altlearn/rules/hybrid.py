@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from evosax.algorithms.population_based.base import PopulationBasedAlgorithm
+from evosax.core.fitness_shaping import identity_fitness_shaping_fn as identity_shaping
 from jax.flatten_util import ravel_pytree
 
 from altlearn.losses import Task
@@ -300,8 +301,13 @@ def hybrid(
         else:
             state = es.init(key_init, jnp.zeros((dims,)), es_params)
         state = strong(state)
-        if hasattr(state, "best_fitness"):  # protect the parent (HillClimbing samples there)
+        if hasattr(state, "best_fitness"):  # protect the parent
             state = state.replace(best_solution=best[0], best_fitness=best[1])
+        # HillClimbing (and the like) sample around their best SHAPED solution: seed it with the
+        # parent too, where the shaping is the identity (the shaped fitness is the loss), or a
+        # generation of offspring all worse than the parent would move the search to them.
+        if hasattr(state, "best_fitness_shaped") and es.fitness_shaping_fn is identity_shaping:
+            state = state.replace(best_solution_shaped=best[0], best_fitness_shaped=best[1])
 
         def generation(carry, key_g):
             state, best = carry

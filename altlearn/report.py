@@ -225,15 +225,18 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     return stats(a - b)
 
 
-def cell(s: dict[str, float], scale: float = 1.0, digits: int = 3, sign: bool = False) -> str:
-    """``mean ± std [low, high]`` of a ``stats`` record, times ``scale``."""
+def cell(
+    s: dict[str, float], scale: float = 1.0, digits: int = 3, sign: bool = False, std: bool = True
+) -> str:
+    """``mean ± std [low, high]`` of a ``stats`` record, times ``scale`` (``std=False``:
+    ``mean [low, high]``)."""
     if s["n"] == 0:
         return "diverged"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     text = f.format(scale * s["mean"])
     if s["n"] > 1:
-        text += f" ± {s['std'] * scale:.{digits}f} [{f.format(scale * s['low'])}, "
-        text += f"{f.format(scale * s['high'])}]"
+        text += f" ± {s['std'] * scale:.{digits}f}" if std else ""
+        text += f" [{f.format(scale * s['low'])}, {f.format(scale * s['high'])}]"
     if s["nonfinite"]:
         text += f" ({s['nonfinite']} diverged)"
     return text

@@ -209,16 +209,11 @@ def verdict_table(result: dict[str, Any]) -> list[str]:
     for data, v in rows:
         acc, loss = v["test_accuracy"], v["test_loss"]
         lines.append(
-            f"| {data} | {v['control']} | {_interval(acc, 100, 2)} | {acc['p_holm']:.3f} | "
-            f"{_interval(loss, 1, 4)} | {loss['p_holm']:.3f} |"
+            f"| {data} | {v['control']} | {report.cell(acc, 100, 2, True, False)} | "
+            f"{acc['p_holm']:.3f} | {report.cell(loss, 1, 4, True, False)} | "
+            f"{loss['p_holm']:.3f} |"
         )
     return [*lines, ""]
-
-
-def _interval(s: dict[str, float], scale: float, digits: int) -> str:
-    f = f"{{:+.{digits}f}}"
-    low, high = f.format(scale * s["low"]), f.format(scale * s["high"])
-    return f"{f.format(scale * s['mean'])} [{low}, {high}]"
 
 
 def table(result: dict[str, Any]) -> str:

@@ -386,9 +386,9 @@ def prepare(module, spec, cfg, tree, work, found, k, baseline, run) -> dict | No
 
 
 def seed_from(db_path: Path, sample: list, old: dict, meta: dict) -> dict:
-    """The results of ``sample``'s mutants that the module's own tests killed in the session
-    at ``db_path`` (matched by operator and occurrence), by this session's job ids; their
-    seconds and the clean run's time go into ``meta``."""
+    """The results of ``sample``'s mutants that the module's own tests killed in the cosmic-ray
+    database at ``db_path`` (matched by operator and occurrence), keyed by the job ids of the
+    database being filled; their seconds and the clean run's time go into ``meta``."""
     from cosmic_ray.work_db import WorkDB, use_db
 
     with use_db(str(db_path), WorkDB.Mode.open) as db:

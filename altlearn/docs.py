@@ -82,6 +82,23 @@ def table_drift(text: str) -> list[str]:
     return out
 
 
+def unsourced_tables(text: str) -> list[int]:
+    """First lines of the tables of ``text`` that hold measured numbers (a decimal such as 0.97
+    or 1.2x) outside every sourced-table and registry block: numbers no output file backs."""
+    spans = [m.span() for m in TABLE.finditer(text)]
+    spans += [m.span() for m in re.finditer(f"{re.escape(START)}.*?{re.escape(END)}", text, re.S)]
+    out, table, offset = [], [], 0  # table: (line number, text) of the current run of | lines
+    for number, line in enumerate(text.splitlines(keepends=True) + [""], start=1):
+        if line.startswith("|") and not any(a <= offset < b for a, b in spans):
+            table.append((number, line))
+        elif table:
+            if any(re.search(r"\d\.\d", row) for _, row in table):
+                out.append(table[0][0])
+            table = []
+        offset += len(line)
+    return out
+
+
 def _first_line(obj) -> str:
     return (obj.__doc__ or "").strip().splitlines()[0].rstrip(".")
 

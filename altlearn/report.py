@@ -100,7 +100,9 @@ def command_line(module: str | None = None) -> str:
 
 
 def git_commit() -> dict[str, Any]:
-    """``{"commit": sha or "none", "dirty": bool}`` of the source tree altlearn runs from."""
+    """``{"commit": sha or "none", "dirty": bool}`` of the source tree altlearn runs from.
+    ``dirty``: tracked files changed since the commit, docs/ aside (documents and the output
+    files studies write there change no number a run computes)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
@@ -108,7 +110,7 @@ def git_commit() -> dict[str, Any]:
         if sha.returncode != 0:
             return {"commit": "none", "dirty": False}
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs"],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -3,6 +3,7 @@
 
 import json
 import math
+import subprocess
 
 import jax
 import numpy as np
@@ -187,6 +188,25 @@ def test_every_output_records_its_provenance(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file; give a directory"):
         report.prepare_workdir(tmp_path / "file")
+
+
+def test_a_changed_source_file_marks_the_commit_dirty_a_changed_document_does_not(
+    tmp_path, monkeypatch
+):
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "r.md").write_text("a")
+    (tmp_path / "rule.py").write_text("a")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    assert report.git_commit()["dirty"] is False
+    (tmp_path / "docs" / "r.md").write_text("b")  # an output file rewritten by a study
+    assert report.git_commit()["dirty"] is False
+    (tmp_path / "rule.py").write_text("b")
+    record = report.git_commit()
+    assert record["dirty"] is True and len(record["commit"]) == 40
 
 
 @pytest.mark.slow

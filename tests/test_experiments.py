@@ -102,6 +102,41 @@ STUDIES = {
 }  # fmt: skip
 
 
+def test_cnn_study_tunes_every_method_alike_and_reports_its_choice(monkeypatch):
+    """persistent_study's CNN study: the baselines' learning rate and persistent's lambda x tau
+    each tuned on 6 points (the same seeds count), and each method trained at its choice."""
+    from experiments import persistent_study as study
+
+    tuned, reported = [], {}
+
+    class Tuned:
+        def __init__(self, config, grid):
+            self.chosen = {"from": (config.rule.name, config.optimizer.get("cycles"), grid[0])}
+
+        def record(self):
+            return {"chosen": self.chosen}
+
+    def fake_tune(config, grid, seeds):
+        points = 1
+        for spec in grid:
+            points *= 6 if "logspace" in spec else len(spec.split(","))
+        tuned.append((config.rule.name, points, seeds))
+        return Tuned(config, grid)
+
+    monkeypatch.setattr(study.tune, "tune", fake_tune)
+    monkeypatch.setattr(
+        study, "compare_methods", lambda methods, k, seeds: reported.update(methods) or {}
+    )
+    out = study.cnn_study(["digits"], 3, 5, [0.1])
+    assert len(tuned) == 5 and {points for _, points, _ in tuned} == {6}
+    assert {seeds for *_, seeds in tuned} == {3}
+    assert list(out["results"]) == ["digits, init x0.1"]
+    for name, (config, _kind, point) in reported.items():  # each at its own tuning's choice
+        grid = point["from"][2]
+        assert grid.startswith("optimizer" if "persistent" not in name else "rule.strength")
+        assert point["from"][0] == config.rule.name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):

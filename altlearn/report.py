@@ -228,16 +228,23 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
 
 def cell(
-    s: dict[str, float], scale: float = 1.0, digits: int = 3, sign: bool = False, std: bool = True
+    s: dict[str, float],
+    scale: float = 1.0,
+    digits: int = 3,
+    sign: bool = False,
+    std: bool = True,
+    significant: bool = False,
 ) -> str:
     """``mean ± std [low, high]`` of a ``stats`` record, times ``scale`` (``std=False``:
-    ``mean [low, high]``)."""
+    ``mean [low, high]``); ``digits`` decimals, or significant digits with ``significant``
+    (figures that span orders of magnitude, such as a training loss near 0)."""
     if s["n"] == 0:
         return "diverged"
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    kind = "g" if significant else "f"
+    f = f"{{:{'+' if sign else ''}.{digits}{kind}}}"
     text = f.format(scale * s["mean"])
     if s["n"] > 1:
-        text += f" ± {s['std'] * scale:.{digits}f}" if std else ""
+        text += f" ± {s['std'] * scale:.{digits}{kind}}" if std else ""
         text += f" [{f.format(scale * s['low'])}, {f.format(scale * s['high'])}]"
     if s["nonfinite"]:
         text += f" ({s['nonfinite']} diverged)"

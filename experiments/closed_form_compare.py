@@ -150,9 +150,9 @@ def summarise(results: dict) -> str:
             b = r[method]
             name = f"closed_form ({r['dtype']})" if method == "closed_form" else method
             lr = f"{b['best_lr']:g}" if "best_lr" in b else "-"
+            final_loss = report.stats(np.asarray(b["train_loss"])[:, -1])
             lines.append(
-                f"| {name} | {lr} | "
-                f"{report.cell(report.stats(np.asarray(b['train_loss'])[:, -1]), digits=4)} | "
+                f"| {name} | {lr} | {report.cell(final_loss, significant=True)} | "
                 f"{report.cell(report.stats(b['final'][metric]))} | {b['steps'][-1]} | "
                 f"{b['time_per_step_s'] * 1e3:.3f} ms | {b['time_s'][-1]:.2f} |"
             )
@@ -197,6 +197,16 @@ def main(argv: list[str]) -> None:
     results = {}
     try:
         report.prepare_workdir(_WORKDIR.value)
+        if _REPLOT.value:  # the tables and plot again from NAME.json, nothing trained
+            results = report.read(f"{_WORKDIR.value}/{_NAME.value}.json")
+            provenance = results.pop("provenance")  # the run that trained it
+            text = summarise(results)
+            report.write(
+                _WORKDIR.value, _NAME.value, results, text, provenance,
+                lambda p: plot(results, p),
+            )  # fmt: skip
+            print(text)
+            return
         configure_jax(_config("closed_form", "diabetes", _WIDTH.value, 1, 1))
         unknown = sorted(set(_METHODS.value) - set(BASELINES))
         if unknown:
@@ -222,7 +232,7 @@ def main(argv: list[str]) -> None:
                 )  # fmt: skip
             r["reach"] = reach_analysis(r)
             results[data] = r
-    except (ValueError, data_lib.MissingDataError) as e:
+    except (ValueError, data_lib.MissingDataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     text = summarise(results)
     report.write(_WORKDIR.value, _NAME.value, results, text, provenance, lambda p: plot(results, p))
@@ -246,4 +256,5 @@ if __name__ == "__main__":
     )
     _WORKDIR = flags.DEFINE_string("workdir", "runs/closed_form", "Where the outputs go.")
     _NAME = flags.DEFINE_string("name", "closed_form", "Output file name (NAME.json, .md, .png).")
+    _REPLOT = flags.DEFINE_bool("replot", False, "Only redraw NAME.md and NAME.png from NAME.json.")
     app.run(main)

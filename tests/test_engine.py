@@ -161,6 +161,8 @@ def test_statistics_use_the_sample_std_and_a_t_interval():
     d = report.paired([1.0, 2.0, 4.0], [0.5, 1.0, 3.0])
     assert d["mean"] == pytest.approx(5 / 6) and d["n"] == 3
     assert report.cell(report.stats([0.5, 0.7]), digits=2).startswith("0.60 ± 0.14 [")
+    tiny = report.cell(report.stats([1e-7, 3e-7]), significant=True)  # not "0.000 ± 0.000"
+    assert tiny.startswith("2e-07 ± 1.41e-07 [")
     with pytest.raises(ValueError, match="seeds must pair"):
         report.paired([1.0], [1.0, 2.0])
     assert d["p"] == pytest.approx(scipy_stats.ttest_1samp([0.5, 1.0, 1.0], 0.0).pvalue)

@@ -168,7 +168,16 @@ def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
         lr = document["chosen"]["restarts"]["optimizer.learning_rate"]
         assert lr == tuning["restarts"]["chosen"]["optimizer.learning_rate"]
     if name == "closed_form":
-        assert "Adam's best training loss" in (tmp_path / f"{name}.md").read_text()
+        md = tmp_path / f"{name}.md"
+        assert "Adam's best training loss" in md.read_text()
+        md.write_text("")  # --replot: the tables again from the JSON, nothing trained
+        again = run_module(module, *flags, "--replot", f"--workdir={tmp_path}", f"--name={name}")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Adam's best training loss" in md.read_text()
+        assert (
+            json.loads((tmp_path / f"{name}.json").read_text())["provenance"]
+            == document["provenance"]
+        )
 
 
 def test_hybrid_study_keeps_bp_matched_s_extra_steps_when_the_steps_are_set():

@@ -133,6 +133,20 @@ def reach_sentence(r: dict) -> str:
     )
 
 
+def line_search_sentence(cf: dict) -> str:
+    """How closed_form's backtracking went over every alternation of every seed."""
+    if "step_length" not in cf:
+        return ""
+    t = np.asarray(cf["step_length"]).ravel()
+    short = t[(t > 0) & (t < 1)]
+    median = f" (median t {np.median(short):g})" if short.size else ""
+    return (
+        f"Line search over the {t.size} alternations of the seeds: the full step (t = 1) taken "
+        f"in {np.mean(t == 1):.0%}, a shortened one in {short.size / t.size:.0%}{median}, "
+        f"none (t = 0, the step rejected) in {np.mean(t == 0):.0%}."
+    )
+
+
 def summarise(results: dict) -> str:
     lines = []
     for data, r in results.items():
@@ -167,6 +181,8 @@ def summarise(results: dict) -> str:
         lines += [
             "",
             reach_sentence(r),
+            "",
+            line_search_sentence(r["closed_form"]),
             "",
             "Learning-rate grids (lr -> mean final train loss on the tuning seeds; inf: "
             f"diverged): {grid}.",

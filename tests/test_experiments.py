@@ -174,6 +174,7 @@ def test_study_binaries_end_to_end_at_a_tiny_size(tmp_path, name):
         again = run_module(module, *flags, "--replot", f"--workdir={tmp_path}", f"--name={name}")
         assert again.returncode == 0, again.stderr[-3000:]
         assert "Adam's best training loss" in md.read_text()
+        assert "Line search over the 6 alternations" in md.read_text()  # 3 x 2 seeds
         assert (
             json.loads((tmp_path / f"{name}.json").read_text())["provenance"]
             == document["provenance"]

@@ -262,6 +262,13 @@ def kink_study(
 
 CNN_PERSISTENT_GRID = ["rule.strength=[0.1,1.0,10.0]", "rule.width=[0.03,0.3]"]  # 6 points
 CNN_BASELINE_GRID = ["optimizer.learning_rate=logspace(-3.5,-2,6)"]  # 6 points, 3e-4 .. 1e-2
+CNN_METHODS = (  # name, config method, how compare_methods runs it, the grid tuned
+    ("plain", "plain", "plain", CNN_BASELINE_GRID),
+    ("restarts", "restart", "restarts", CNN_BASELINE_GRID),
+    ("SGDR", "sgdr", "plain", CNN_BASELINE_GRID),
+    ("persistent (full)", "persistent", "persistent", CNN_PERSISTENT_GRID),
+    ("persistent (partial)", "partial", "persistent", CNN_PERSISTENT_GRID),
+)
 
 
 def cnn_study(
@@ -279,24 +286,14 @@ def cnn_study(
             # every method tuned on 6 points by validation loss on the tuning seeds: the
             # baselines' learning rate, persistent's lambda x tau (at the config's rate)
             tuned = {
-                name: tune.tune(config(method), grid, seeds)
-                for name, method, grid in (
-                    ("plain", "plain", CNN_BASELINE_GRID),
-                    ("restarts", "restart", CNN_BASELINE_GRID),
-                    ("SGDR", "sgdr", CNN_BASELINE_GRID),
-                    ("full", "persistent", CNN_PERSISTENT_GRID),
-                    ("partial", "partial", CNN_PERSISTENT_GRID),
-                )
+                name: (method, kind, tune.tune(config(method), grid, seeds))
+                for name, method, kind, grid in CNN_METHODS
             }
             methods = {
-                "plain": (config("plain"), "plain", tuned["plain"].chosen),
-                "restarts": (config("restart"), "restarts", tuned["restarts"].chosen),
-                "SGDR": (config("sgdr"), "plain", tuned["SGDR"].chosen),
-                "persistent (full)": (config("persistent"), "persistent", tuned["full"].chosen),
-                "persistent (partial)": (config("partial"), "persistent", tuned["partial"].chosen),
+                name: (config(method), kind, t.chosen) for name, (method, kind, t) in tuned.items()
             }
             out["results"][f"{data}, init x{scale:g}"] = {
-                "tuning": {name: t.record() for name, t in tuned.items()},
+                "tuning": {name: t.record() for name, (*_, t) in tuned.items()},
                 "methods": compare_methods(methods, k, seeds),
             }
     return out

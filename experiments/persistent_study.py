@@ -422,6 +422,12 @@ def main(argv: list[str]) -> None:
         else:
             for data in _DATA.value if _STUDY.value == "cnn" else ():  # checked before training
                 _config("cnn", "plain", data=data)
+            try:
+                bad = [x for x in _SCALES.value if not float(x) > 0]
+            except ValueError:
+                bad = _SCALES.value
+            if bad:
+                raise ValueError(f"--init_scales takes positive numbers; got {bad}")
             result = run()
     except (ValueError, data_lib.MissingDataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

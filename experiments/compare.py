@@ -8,7 +8,9 @@ program (``altlearn.driver``) for exactly the steps asked, evaluated about 20 ti
 
 A method is a variant of the config file (``get_config("method=M,data=D")``, plus
 ``--variant_extra``) or any registered rule by name, with its default options on the config
-file's model, data and schedule (``--methods=bp,node_perturbation``); ``--set=KEY=VALUE``
+file's model, data and schedule (``--methods=bp,node_perturbation``); a variant may carry
+options of its own after slashes (``--methods=danp,danp/every=4``: the same variant with
+``every=4``, reported as its own row, paired with the first); ``--set=KEY=VALUE``
 (repeatable) overrides a config key for every method that has it. Seed s gives every method
 the same initialisation and batches, so the table reports each method's paired difference to
 the FIRST method beside its mean, sample std and 95% interval. Equal steps for every method
@@ -51,7 +53,11 @@ def method_configs(config_file: str, methods: list[str], data: str, extra: str, 
     suffix = f",{extra}" if extra else ""
     configs = {}
     for method in methods:
-        if method in variants:
+        name, *options = method.split("/")  # danp/every=4: the variant with its options
+        if options and name in variants:
+            option_suffix = "," + ",".join(options)
+            configs[method] = module.get_config(f"method={name},data={data}{suffix}{option_suffix}")
+        elif method in variants:
             configs[method] = module.get_config(f"method={method},data={data}{suffix}")
         elif method in rules.RULES:
             configs[method] = config_lib.switch(module.get_config(f"data={data}{suffix}"), method)

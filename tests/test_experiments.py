@@ -62,6 +62,13 @@ def test_compare_takes_config_variants_and_any_registered_rule():
         compare.method_configs(
             "experiments/configs/np_family.py", ["bp"], "digits", "", ["rule.sgima=1"]
         )
+    every = compare.method_configs(
+        "experiments/configs/np_family.py", ["danp", "danp/every=4"], "digits", "", []
+    )  # a variant with an option of its own: its own row
+    assert every["danp"].rule.decorrelation_every == 1
+    assert every["danp/every=4"].rule.decorrelation_every == 4
+    with pytest.raises(ValueError, match="Bad variant 'evry=4'; keys: method"):
+        compare.method_configs("experiments/configs/np_family.py", ["dbp/evry=4"], "digits", "", [])
     config = configs["bp"]
     compare.set_steps(config, seeds=2, steps=300)
     assert (config.steps, config.eval_every) == (300, 15)  # 20 evaluations: a curve

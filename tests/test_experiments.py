@@ -136,7 +136,10 @@ def test_cnn_study_tunes_every_method_alike_and_reports_its_choice(monkeypatch):
     )
     out = study.cnn_study(["digits"], 3, 5, [0.1])
     assert len(tuned) == 5 and {points for _, points, _ in tuned} == {6}
-    assert {seeds for *_, seeds in tuned} == {3}
+    assert {seeds for *_, seeds in tuned} == {3}  # as many tuning seeds as reported, by default
+    tuned.clear()
+    assert study.cnn_study(["digits"], 10, 5, [0.1], tune_seeds=2)["tune_seeds"] == 2
+    assert {seeds for *_, seeds in tuned} == {2}
     assert list(out["results"]) == ["digits, init x0.1"]
     for name, (config, _kind, point) in reported.items():  # each at its own tuning's choice
         grid = point["from"][2]

@@ -118,7 +118,9 @@ def test_cnn_study_tunes_every_method_alike_and_reports_its_choice(monkeypatch):
 
     class Tuned:
         def __init__(self, config, grid):
-            self.chosen = {"from": (config.rule.name, config.optimizer.get("cycles"), grid[0])}
+            self.chosen = {
+                "from": (config.rule.name, config.optimizer.get("cycles"), "|".join(grid))
+            }
 
         def record(self):
             return {"chosen": self.chosen}
@@ -143,7 +145,8 @@ def test_cnn_study_tunes_every_method_alike_and_reports_its_choice(monkeypatch):
     assert list(out["results"]) == ["digits, init x0.1"]
     for name, (config, _kind, point) in reported.items():  # each at its own tuning's choice
         grid = point["from"][2]
-        assert grid.startswith("optimizer" if "persistent" not in name else "rule.strength")
+        assert grid.startswith("optimizer.learning_rate")  # persistent's too, with lambda
+        assert ("rule.strength" in grid) == ("persistent" in name)
         assert point["from"][0] == config.rule.name
 
 

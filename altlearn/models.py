@@ -1,6 +1,6 @@
 """Models: layered networks with an open forward pass, and any flax module.
 
-A ``LayeredModel`` is a sequence of parametric layers (flax ``nn.Dense`` or ``nn.Conv``). Layer l
+A ``LayeredModel`` is a sequence of parametric layers (``Dense`` or ``Conv`` below). Layer l
 maps its input z_{l-1} to the pre-activation a_l = layer_l(params_l, z_{l-1}) (+ optional node
 noise eps_l); h_l = f(a_l), and the last layer has no f. Parameter-free maps between layers
 (pooling, flattening) belong to the next layer's ``pre``. With ``decorrelation=True`` every dense
@@ -17,6 +17,13 @@ layer and evaluate only what lies downstream).
 
 Rules that need only a forward pass accept any flax module through ``FlaxModel`` (``resnet`` is
 one). A rule that needs the layered interface refuses a ``FlaxModel`` with a clear error.
+
+Every provided model builds its dense and convolutional layers from ``Dense`` and ``Conv``
+below: flax's layers that, given a ``'feedback'`` collection holding a matrix B of a layer's
+kernel shape, send the input's cotangent back through B in place of the kernel W (the weight's
+cotangent stays the usual one). ``jax.grad`` of any such model, layered or not, then computes
+the feedback-alignment family's updates (``altlearn.rules._feedback``); without the collection
+the layers are flax's own.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -68,6 +76,67 @@ def compose(*fns: Callable | None) -> Callable | None:
     if not fns:
         return None
     return lambda h: functools.reduce(lambda acc, f: f(acc), fns, h)
+
+
+def feedback_product(op: Callable, x: jax.Array, kernel: jax.Array, feedback: jax.Array):
+    """``op(x, kernel)`` (a product linear in x and in the kernel: dense or convolution) whose
+    VJP sends x's cotangent back through ``feedback`` in place of ``kernel``.
+
+    Forward: y = op(x, W). Backward, for the output cotangent g: the kernel's cotangent is
+    op's own (z^T g for a dense layer), the input's is what op's would be with W replaced by B
+    (g B^T for a dense layer, the transposed convolution with kernel B for a convolution), and
+    B gets none: feedback is fixed within a step. With B = W this is op's exact VJP.
+    """
+
+    @jax.custom_vjp
+    def product(x, kernel, feedback):
+        return op(x, kernel)
+
+    def forward(x, kernel, feedback):
+        return op(x, kernel), (x, kernel, feedback)
+
+    def backward(saved, g):
+        x, kernel, feedback = saved
+        _, kernel_vjp = jax.vjp(lambda k: op(x, k), kernel)
+        _, input_vjp = jax.vjp(lambda x: op(x, feedback), x)
+        return input_vjp(g)[0], kernel_vjp(g)[0], jnp.zeros_like(feedback)
+
+    product.defvjp(forward, backward)
+    return product(x, kernel, feedback)
+
+
+def _feedback_call(module: nn.Module, x: jax.Array, plain: Callable) -> jax.Array:
+    """``module(x)``, its input cotangent through ``'feedback'``'s kernel where one is given."""
+    if not module.has_variable("feedback", "kernel"):
+        return plain(x)
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias")  # None for a layer without one
+    bare = module.clone(parent=None)  # the same layer as a function of (x, kernel), no bias
+    zero = {} if bias is None else {"bias": jnp.zeros(bias.shape, bias.dtype)}
+    op = lambda x, k: bare.apply({"params": {"kernel": k, **zero}}, x)
+    y = feedback_product(op, x, kernel, module.get_variable("feedback", "kernel"))
+    return y if bias is None else y + bias
+
+
+class Dense(nn.Dense):
+    """``flax.linen.Dense``, with feedback (the module docstring) where a kernel B is given."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _feedback_call(self, x, super().__call__)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv``, with feedback (the module docstring) where a kernel B is given."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _feedback_call(self, x, super().__call__)
+
+
+def feedback_kernels(params: Any) -> dict[str, Any]:
+    """The kernels of ``params`` in the nesting a ``'feedback'`` collection takes: every leaf
+    named ``kernel``, at its path (biases and other leaves dropped)."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] == "kernel"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +236,13 @@ class LayeredModel:
             z = z @ decor[self.layer_names[i]].T  # z = R h for each sample
         return z
 
-    def layer_apply(self, i: int, layer_params: Any, z: jax.Array) -> jax.Array:
-        """a_i = layer_i(params_i, z): the local map whose VJP gives a layer-local update."""
-        return self.layers[i].module.apply({"params": layer_params}, z)
+    def layer_apply(self, i: int, layer_params: Any, z: jax.Array, feedback: Any = None):
+        """a_i = layer_i(params_i, z): the local map whose VJP gives a layer-local update
+        (``feedback``: the layer's ``{'kernel': B}``, which carries z's cotangent instead)."""
+        variables = {"params": layer_params}
+        if feedback is not None:
+            variables["feedback"] = feedback
+        return self.layers[i].module.apply(variables, z)
 
     def activate(self, i: int, a: jax.Array) -> jax.Array:
         """h_i = f_i(a_i) (the identity for the output layer)."""
@@ -193,6 +266,7 @@ class LayeredModel:
         pre-activations a (all noise included).
         """
         params = variables["params"]
+        feedback = variables.get("feedback", {})
         keys = [None] * self.num_layers
         if key is not None and self.intrinsic_noise > 0:
             keys = list(jax.random.split(key, self.num_layers))
@@ -200,7 +274,7 @@ class LayeredModel:
         h = x
         for i, name in enumerate(self.layer_names):
             z = self.layer_input(i, variables, h)
-            a = self.layer_apply(i, params[name], z)
+            a = self.layer_apply(i, params[name], z, feedback.get(name))
             if noise is not None and noise[i] is not None:
                 a = a + noise[i]
             if keys[i] is not None:
@@ -223,8 +297,15 @@ class LayeredModel:
     def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
         return self.apply_layered(variables, x)[0]
 
-    def preact_shapes(self, variables: Variables, x: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-        """Shapes of the pre-activations for input ``x`` (to draw node noise)."""
+    def preact_shapes(
+        self, variables: Variables, x: jax.Array | None = None
+    ) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """Shapes of the pre-activations for input ``x`` (to draw node noise); without ``x``,
+        for a batch of one sample of the model's ``input_shape``."""
+        if x is None:
+            if self.input_shape is None:
+                raise ValueError(f"Model {self.name!r} was built without an input shape.")
+            x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
         return jax.eval_shape(lambda v, x: self.apply_layered(v, x)[1].preacts, variables, x)
 
 
@@ -268,12 +349,12 @@ def _he(scale: float) -> Callable:
     return nn.initializers.variance_scaling(2.0 * float(scale) ** 2, "fan_in", "truncated_normal")
 
 
-def _dense(features: int, scale: float = 1.0) -> nn.Dense:
-    return nn.Dense(features, kernel_init=_he(scale))
+def _dense(features: int, scale: float = 1.0) -> Dense:
+    return Dense(features, kernel_init=_he(scale))
 
 
-def _conv(features: int, kernel_size: int, spatial_dims: int, scale: float = 1.0) -> nn.Conv:
-    return nn.Conv(
+def _conv(features: int, kernel_size: int, spatial_dims: int, scale: float = 1.0) -> Conv:
+    return Conv(
         features,
         (kernel_size,) * spatial_dims,
         padding="SAME",
@@ -453,21 +534,21 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = (3,) * self.spatial_dims
         init = nn.initializers.he_normal()
-        h = self.activation(nn.Conv(self.stage_channels[0], k, padding="SAME", kernel_init=init)(x))
+        h = self.activation(Conv(self.stage_channels[0], k, padding="SAME", kernel_init=init)(x))
         for s, c in enumerate(self.stage_channels):
             for b in range(self.blocks_per_stage):
                 stride = (
                     (2,) * self.spatial_dims if (s > 0 and b == 0) else (1,) * self.spatial_dims
                 )
-                r = nn.Conv(c, k, strides=stride, padding="SAME", kernel_init=init)(h)
-                r = nn.Conv(c, k, padding="SAME", kernel_init=nn.initializers.zeros)(
+                r = Conv(c, k, strides=stride, padding="SAME", kernel_init=init)(h)
+                r = Conv(c, k, padding="SAME", kernel_init=nn.initializers.zeros)(
                     self.activation(r)
                 )
                 if h.shape[-1] != c or stride[0] != 1:
-                    h = nn.Conv(c, (1,) * self.spatial_dims, strides=stride, kernel_init=init)(h)
+                    h = Conv(c, (1,) * self.spatial_dims, strides=stride, kernel_init=init)(h)
                 h = self.activation(h + r)
         h = jnp.mean(h, axis=tuple(range(1, 1 + self.spatial_dims)))
-        return nn.Dense(self.num_outputs, kernel_init=init)(h)
+        return Dense(self.num_outputs, kernel_init=init)(h)
 
 
 def resnet(
@@ -478,10 +559,16 @@ def resnet(
     activation: str = "relu",
     negative_slope: float = 0.2,
 ) -> FlaxModel:
-    """Small residual network (forward-only: not for layer-wise rules).
+    """Residual network: a 3x3 convolution, then ``len(stage_channels)`` stages of
+    ``blocks_per_stage`` blocks, global average pooling and a dense output layer.
 
     Each block is x -> f(x + conv(f(conv(x)))) with the second conv zero-initialised, so every
-    block starts as the identity; the first block of each later stage halves the resolution.
+    block starts as the identity (no batch normalisation); the first block of each later stage
+    halves the resolution (a strided 1x1 convolution on the shortcut). Not layered (a block is
+    not a sequence), so layer-wise rules refuse it; backprop, the population rules and the
+    feedback-alignment family (``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``) train it.
+    ``stage_channels=(16, 32, 64), blocks_per_stage=3`` is ResNet-20 (He et al. 2016's CIFAR-10
+    network: 1 + 3 x 3 x 2 convolutions + 1 dense layer; experiments/configs/feedback.py).
     """
     spatial = _spatial_dims("resnet", input_shape)
     module = ResNet(

@@ -99,6 +99,51 @@ SETUPS = {
         tuned=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
         sweep=("rule.noise_scale", (0.0, 0.05)),
     ),
+    # The feedback-alignment family and PEPITA.
+    "fa": dict(
+        overrides={},
+        # train loss 0.22-0.26, test accuracy 0.90-0.92
+        defaults=dict(steps=100, max_train_loss=0.45, min_test_accuracy=0.85),
+        # (under Adam the feedback's scale hardly matters: a factor per layer)
+        sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
+    ),
+    "dfa": dict(
+        overrides={},
+        # train loss 0.19-0.23, test accuracy 0.91-0.92
+        defaults=dict(steps=100, max_train_loss=0.45, min_test_accuracy=0.85),
+        # (under Adam the feedback's scale hardly matters: a factor per layer)
+        sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
+    ),
+    "usf": dict(
+        overrides={},
+        # train loss 0.08-0.10, test accuracy 0.95-0.96
+        defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.9),
+        sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
+    ),
+    "brsf": dict(
+        overrides={},
+        # train loss 0.12-0.13, test accuracy 0.93-0.95
+        defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.88),
+        sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
+    ),
+    "frsf": dict(
+        overrides={},
+        # train loss 0.11-0.11, test accuracy 0.94-0.96
+        defaults=dict(steps=100, max_train_loss=0.3, min_test_accuracy=0.88),
+        sweep=("optimizer.learning_rate", (1e-3, 1e-2)),
+    ),
+    "kp": dict(
+        overrides={},
+        # train loss 0.20-0.21, test accuracy 0.92-0.93
+        defaults=dict(steps=100, max_train_loss=0.45, min_test_accuracy=0.85),
+        sweep=("rule.weight_decay", (1e-4, 1e-2)),
+    ),
+    "pepita": dict(
+        overrides={},
+        # train loss 0.26-0.37, test accuracy 0.85-0.89
+        defaults=dict(steps=100, max_train_loss=0.6, min_test_accuracy=0.78),
+        sweep=("rule.feedback_scale", (0.05, 0.1)),
+    ),
     "closed_form": dict(
         # In 64-bit mode, as the binaries run it (float32 solves: tests/test_closed_form.py).
         x64=True,

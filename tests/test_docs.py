@@ -131,14 +131,14 @@ def test_readme_rule_example_runs_and_learns():
     from altlearn.train import Experiment
 
     text = README.read_text()
-    start = text.index("```python\n# altlearn/rules/feedback_alignment.py")
+    start = text.index("```python\n# altlearn/rules/drtp.py")
     code = text[start + len("```python\n") : text.index("```\n", start + 10)]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     spec = namespace["SPEC"]
     experiment = Experiment(_tiny_backprop_config())
     model, task = experiment.model, experiment.task
-    assert spec.cost(model, {}, Sizes(64)) == 3.0
+    assert spec.cost(model, {}, Sizes(64)) == 2.0
     rule = spec.factory(model, task, optax.adam(1e-2), {})
     variables = model.init(jax.random.PRNGKey(0), experiment.x_train[:1])
     state = rule.init(jax.random.PRNGKey(1), variables)

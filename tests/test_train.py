@@ -65,6 +65,7 @@ def test_hyperparameters_are_the_floats_of_rule_and_optimizer():
     hp = config_lib.hparams(tiny_config())
     assert hp == {
         "rule.decorrelation_rate": 1e-3,
+        "rule.weight_decay": 0.0,
         "optimizer.learning_rate": 1e-2,
         "optimizer.momentum": 0.9,
         "optimizer.weight_decay": 1e-4,

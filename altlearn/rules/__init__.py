@@ -27,14 +27,21 @@ from altlearn.losses import Task
 from altlearn.models import Model
 from altlearn.rules import (
     backprop,
+    brsf,
     closed_form,
+    dfa,
     evolution,
+    fa,
     forward_gradient,
+    frsf,
     hybrid,
+    kp,
     neuron_pso,
     node_perturbation,
+    pepita,
     persistent,
     pso,
+    usf,
     weight_perturbation,
 )
 from altlearn.rules.base import (
@@ -63,6 +70,13 @@ RULES: dict[str, RuleSpec] = {
     "closed_form": closed_form.SPEC,
     "persistent": persistent.SPEC,
     "hybrid": hybrid.SPEC,
+    "fa": fa.SPEC,
+    "dfa": dfa.SPEC,
+    "usf": usf.SPEC,
+    "brsf": brsf.SPEC,
+    "frsf": frsf.SPEC,
+    "kp": kp.SPEC,
+    "pepita": pepita.SPEC,
 }
 
 

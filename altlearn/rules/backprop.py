@@ -33,8 +33,11 @@ def backprop(
     data: Splits,
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
+    weight_decay: Any = 0.0,
 ) -> LearningRule:
-    """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only."""
+    """Exact gradients by ``jax.grad``; ``decorrelation_rate`` acts on decorrelated models only;
+    ``weight_decay`` lambda: theta <- (1 - lambda) theta + update at every step, apart from the
+    optimizer (the regulariser Kolen-Pollack carries, for a backprop control with the same)."""
     del data
 
     def estimate(key, variables, state, batch):
@@ -42,7 +45,9 @@ def backprop(
         (loss, inputs), grads = jax.value_and_grad(loss_of, has_aux=True)(variables["params"])
         return grads, EstimateAux(loss, inputs), state
 
-    return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every)
+    return gradient_rule(
+        estimate, optimizer, decorrelation_rate, decorrelation_every, weight_decay=weight_decay
+    )
 
 
 def cost(model: Model, options: dict[str, Any], sizes: Sizes) -> float:

@@ -203,6 +203,12 @@ def check_count(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
+def check_nonnegative(name: str, value: Any) -> None:
+    """Rejects a negative concrete value; traced values (sweeps) are checked by the caller."""
+    if is_concrete(value) and not float(value) >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
 def check_positive(name: str, value: Any) -> None:
     """Rejects a non-positive concrete value; traced values (sweeps) are checked by the caller."""
     if is_concrete(value) and not float(value) > 0:
@@ -312,6 +318,8 @@ def gradient_rule(
     decorrelation_rate: Any = 0.0,
     decorrelation_every: int = 1,
     init: Callable[[jax.Array, Variables], Any] | None = None,
+    weight_decay: Any = 0.0,
+    after_update: Callable[[Any, Any], Any] | None = None,
 ) -> LearningRule:
     """Builds a rule that applies ``estimate``'s gradient with ``optimizer``.
 
@@ -320,8 +328,14 @@ def gradient_rule(
     If the variables hold decorrelation matrices they are updated by their local rule at
     ``decorrelation_rate``, outside the optimizer, after every ``decorrelation_every``-th step
     (1: every step; more amortises its cost, see docs/RESULTS.md).
+
+    ``weight_decay`` lambda shrinks every parameter by a factor (1 - lambda) at each step, apart
+    from the optimizer (decoupled: theta <- (1 - lambda) theta + update, whatever the
+    optimizer). ``after_update(estimator_state, updates)`` (optional) advances the estimator's
+    state from the optimizer's updates of the step (Kolen-Pollack's feedback follows them).
     """
     check_count("decorrelation_every", decorrelation_every)
+    check_nonnegative("weight_decay", weight_decay)
 
     def rule_init(key: jax.Array, variables: Variables) -> GradientRuleState:
         estimator = None if init is None else init(key, variables)
@@ -334,8 +348,16 @@ def gradient_rule(
 
     def step(key, variables, state, batch):
         grads, aux, state = rule_estimate(key, variables, state, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, variables["params"])
-        new = {**variables, "params": optax.apply_updates(variables["params"], updates)}
+        params = variables["params"]
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        if is_concrete(weight_decay) and float(weight_decay) == 0.0:
+            new_params = optax.apply_updates(params, updates)
+        else:  # decoupled: (1 - lambda) theta + update
+            decay = lambda p, u: ((1.0 - weight_decay) * p + u).astype(p.dtype)
+            new_params = jax.tree_util.tree_map(decay, params, updates)
+        new = {**variables, "params": new_params}
+        if after_update is not None:
+            state = state._replace(estimator=after_update(state.estimator, updates))
         if "decorrelation" in variables:
             update = lambda d: decorrelation_update(d, aux.inputs, decorrelation_rate)
             if decorrelation_every == 1:

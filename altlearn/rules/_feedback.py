@@ -70,6 +70,12 @@ def random_like(key: jax.Array, kernels: Any, std: Callable[[jax.Array], float])
     return jax.tree_util.tree_unflatten(tree, drawn)
 
 
+def random_feedback(key: jax.Array, params: Any, scale: Any = 1.0) -> Any:
+    """A fixed random B for every kernel: N(0, scale^2 * 2 / fan_in), the models' He scale
+    (fa's feedback, and kp's at the start)."""
+    return random_like(key, feedback_kernels(params), lambda w: scale * he_std(w))
+
+
 def sign_concordant(magnitudes: Any, params: Any) -> Any:
     """|R| * sign(W) for every kernel W of ``params`` and its ``magnitudes`` R (brsf, frsf)."""
     signed = lambda r, w: jnp.abs(r) * jnp.sign(w)

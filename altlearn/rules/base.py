@@ -246,6 +246,17 @@ def batch_loss(model: Any, task: Any, variables: Variables, batch: Batch, key=No
     return jnp.mean(task.loss(model.apply(variables, x), y)), None
 
 
+def layer_vjps(model: Any, params: Any, inputs: Any, cotangents: Any) -> dict[str, Any]:
+    """``{layer name: J_l(z_l)^T c_l}``: each layer's parameter VJP at its input z_l with the
+    cotangent c_l of its pre-activation (z^T c for a dense layer): the layer-local update of
+    every rule that computes its own error signals (node perturbation, dfa, pepita)."""
+    grads = {}
+    for i, (name, z, c) in enumerate(zip(model.layer_names, inputs, cotangents)):
+        _, vjp = jax.vjp(lambda p, i=i, z=z: model.layer_apply(i, p, z), params[name])
+        (grads[name],) = vjp(c)
+    return grads
+
+
 def params_loss(model: Any, task: Any, variables: Variables, batch: Batch) -> Callable:
     """``params -> mean batch loss`` of the model with those params (and ``variables``' other
     collections) on ``batch``, noise-free: the fitness of a population member, the function

@@ -36,6 +36,7 @@ from altlearn.rules.base import (
     Splits,
     check_positive,
     gradient_rule,
+    layer_vjps,
 )
 
 
@@ -70,17 +71,13 @@ def dfa(
         out, trace = model.apply_layered(variables, x, key=key)  # key: a noisy model's noise
         loss, e = jax.value_and_grad(lambda o: jnp.mean(task.loss(o, y)))(out)  # [B, K]
         e = e.reshape(e.shape[0], -1)
-        grads = {}
-        for i, name in enumerate(names):
+        deltas = []
+        for i, name in enumerate(names[:-1]):  # straight from the output error, then f'(a_l)
             a = trace.preacts[i]
-            if i == len(names) - 1:
-                delta = e.reshape(a.shape)
-            else:  # straight from the output error, then through f'(a_l)
-                _, f_vjp = jax.vjp(lambda a, i=i: model.activate(i, a), a)
-                (delta,) = f_vjp((e @ feedback[name]).reshape(a.shape))
-            z = trace.inputs[i]
-            _, vjp = jax.vjp(lambda p, i=i, z=z: model.layer_apply(i, p, z), params[name])
-            (grads[name],) = vjp(delta)  # the layer-local gradient: z^T delta for a dense layer
+            _, f_vjp = jax.vjp(lambda a, i=i: model.activate(i, a), a)
+            deltas.append(f_vjp((e @ feedback[name]).reshape(a.shape))[0])
+        deltas.append(e.reshape(trace.preacts[-1].shape))  # the output layer: its own error
+        grads = layer_vjps(model, params, trace.inputs, deltas)  # z^T delta for a dense layer
         return grads, EstimateAux(loss, model.named(trace.inputs)), feedback
 
     return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every, init=init)

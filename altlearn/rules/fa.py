@@ -23,7 +23,7 @@ from typing import Any
 import optax
 
 from altlearn.losses import Task
-from altlearn.models import Model, feedback_kernels
+from altlearn.models import Model
 from altlearn.rules import _feedback
 from altlearn.rules.base import LearningRule, RuleSpec, Splits, check_positive
 
@@ -42,8 +42,7 @@ def fa(
     check_positive("feedback_scale", feedback_scale)
 
     def init(key, variables):
-        kernels = feedback_kernels(variables["params"])
-        return _feedback.random_like(key, kernels, lambda w: feedback_scale * _feedback.he_std(w))
+        return _feedback.random_feedback(key, variables["params"], feedback_scale)
 
     return _feedback.feedback_rule(
         model,

@@ -46,8 +46,7 @@ def kp(
     check_positive("feedback_scale", feedback_scale)
 
     def init(key, variables):
-        kernels = feedback_kernels(variables["params"])
-        return _feedback.random_like(key, kernels, lambda w: feedback_scale * _feedback.he_std(w))
+        return _feedback.random_feedback(key, variables["params"], feedback_scale)
 
     def after_update(feedback, updates):
         follow = lambda b, u: ((1.0 - weight_decay) * b + u).astype(b.dtype)

@@ -67,6 +67,7 @@ from altlearn.rules.base import (
     check_count,
     check_positive,
     gradient_rule,
+    layer_vjps,
     with_rng_mode,
 )
 
@@ -86,11 +87,7 @@ def _sum_units(x: jax.Array) -> jax.Array:
 
 def _layer_local_grads(model: LayeredModel, params, inputs, errors) -> dict[str, Any]:
     """G_l = -(1/B) sum_n J_l(z_clean)^T e_{l,n}: the VJP of each layer at its clean input."""
-    grads = {}
-    for i, (name, z, e) in enumerate(zip(model.layer_names, inputs, errors)):
-        _, vjp = jax.vjp(lambda p, i=i, z=z: model.layer_apply(i, p, z), params[name])
-        (grads[name],) = vjp(-e / z.shape[0])
-    return grads
+    return layer_vjps(model, params, inputs, [-e / z.shape[0] for z, e in zip(inputs, errors)])
 
 
 def draw_noise(

@@ -41,6 +41,7 @@ from altlearn.rules.base import (
     Splits,
     check_positive,
     gradient_rule,
+    layer_vjps,
 )
 
 
@@ -76,17 +77,13 @@ def pepita(
         loss = loss / batch_size
         x_mod = x + (e.reshape(batch_size, -1) @ projection).reshape(x.shape).astype(x.dtype)
         _, modulated = model.apply_layered(variables, x_mod, key=modulated_key)
-        grads = {}
-        for i, name in enumerate(names):
-            if i == last:
-                cotangent = e
-            else:
-                h = model.activate(i, trace.preacts[i])
-                h_mod = model.activate(i, modulated.preacts[i])
-                cotangent = h - h_mod
-            z = modulated.inputs[i]
-            _, vjp = jax.vjp(lambda p, i=i, z=z: model.layer_apply(i, p, z), params[name])
-            (grads[name],) = vjp(cotangent / batch_size)
+        # hidden layers: the difference of the two passes' activities; the output: the error
+        cotangents = [
+            model.activate(i, trace.preacts[i]) - model.activate(i, modulated.preacts[i])
+            for i in range(last)
+        ] + [e]
+        cotangents = [c / batch_size for c in cotangents]
+        grads = layer_vjps(model, params, modulated.inputs, cotangents)
         return grads, EstimateAux(loss, model.named(trace.inputs)), projection
 
     return gradient_rule(estimate, optimizer, decorrelation_rate, decorrelation_every, init=init)

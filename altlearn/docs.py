@@ -201,6 +201,8 @@ def rules_document() -> str:
         lines += ["| option | default |", "|---|---|"]
         lines += [f"| `{k}` | `{v!r}` |" for k, v in options.items()] or ["| - | - |"]
         lines += ["", _code(_doc(spec.factory)), "", "### Cost per step", "", _doc(spec.cost)]
+        searched = ", ".join(f"`{s}`" for s in spec.search) or "none (the learning rate alone)"
+        lines += ["", "### Tuned by the leaderboard", "", f"Main option: {searched}."]
     return "\n".join(lines) + "\n"
 
 

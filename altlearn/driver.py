@@ -229,19 +229,20 @@ def run(
 PROBE_SECONDS = 0.5
 
 
-def step_seconds(
+def step_timer(
     config: ml_collections.ConfigDict,
     seeds: Sequence[int] = (0,),
     points: Sequence[dict[str, float]] | None = None,
     dataset: data_lib.Dataset | None = None,
     period: int = 1,
     model: Any = None,
-) -> float:
-    """Steady-state wall seconds per training step of the members (points x seeds) vmapped as
-    ``run`` trains them, without evaluations or compilation: ONE compiled chunk of steps from
-    step 0 (``period`` steps, at least 20: a rule's phase interval, so that phases count at
-    their share), called once to warm up, then again on the state it returns until the calls
-    add up to ``PROBE_SECONDS`` (a single short call of a fast step would time mostly the call)."""
+) -> Callable[[], float]:
+    """A probe of the steady-state wall seconds per training step of the members (points x
+    seeds) vmapped as ``run`` trains them, without evaluations or compilation: ONE compiled chunk
+    of steps from step 0 (``period`` steps, at least 20: a rule's phase interval, so that phases
+    count at their share), compiled and called once to warm up here; each call of the probe then
+    calls it again on the state it returns until the calls add up to ``PROBE_SECONDS`` (a single
+    short call of a fast step would time mostly the call) and returns seconds per step."""
     experiment = Experiment(config, dataset, model)
     points = [dict(p) for p in (points or [{}])]
     check_points(experiment, points)
@@ -253,14 +254,43 @@ def step_seconds(
     length = -(-20 // period) * period
     chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, length)[0]), donate_argnums=0)
     chunk = chunk.lower(state).compile()
-    state = jax.block_until_ready(chunk(state))
-    calls, elapsed = 0, 0.0
-    while elapsed < PROBE_SECONDS or calls < 2:
-        t = time.perf_counter()
-        state = jax.block_until_ready(chunk(state))
-        elapsed += time.perf_counter() - t
-        calls += 1
-    return elapsed / (calls * length)
+    state = [jax.block_until_ready(chunk(state))]
+
+    def probe() -> float:
+        calls, elapsed = 0, 0.0
+        while elapsed < PROBE_SECONDS or calls < 2:
+            t = time.perf_counter()
+            state[0] = jax.block_until_ready(chunk(state[0]))
+            elapsed += time.perf_counter() - t
+            calls += 1
+        return elapsed / (calls * length)
+
+    return probe
+
+
+def step_seconds(
+    config: ml_collections.ConfigDict,
+    seeds: Sequence[int] = (0,),
+    points: Sequence[dict[str, float]] | None = None,
+    dataset: data_lib.Dataset | None = None,
+    period: int = 1,
+    model: Any = None,
+) -> float:
+    """Steady-state wall seconds per training step of the members (points x seeds) vmapped as
+    ``run`` trains them (one probe of ``step_timer``)."""
+    return step_timer(config, seeds, points, dataset, period, model)()
+
+
+def interleaved_step_seconds(
+    configs: Sequence[ml_collections.ConfigDict], seeds: Sequence[int], rounds: int = 3
+) -> list[float]:
+    """``step_seconds`` of several configs timed fairly against each other: every config's
+    chunk compiled first, then probed in turn, ``rounds`` times round-robin; the median of each
+    config's probes. A drift of the machine's speed while they are timed (another load, a
+    frequency change) then reaches every config alike instead of whichever was timed then."""
+    probes = [step_timer(c, seeds) for c in configs]
+    times = [[probe() for probe in probes] for _ in range(rounds)]
+    return [float(np.median(column)) for column in zip(*times)]
 
 
 def budget_steps(

@@ -136,3 +136,35 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Any], score: str, path: st
         ax.set_title(f"final {score}" + (f" ({name})" if name else ""), fontsize=9)
         fig.colorbar(image, ax=ax)
     save(fig, path, 90)
+
+
+def plot_leaderboard(results: dict, path: str | Path, budgets: dict[str, str]) -> None:
+    """Each method's final test figure, mean and 95% t interval over seeds, a panel per budget
+    and a row per setting; ``results[setting][method]['final'][budget][metric]`` holds the
+    seeds' figures (accuracy in %, or the loss)."""
+    from altlearn import report  # the statistics, one definition
+
+    rows = len(results)
+    fig, axes = plt.subplots(
+        rows, len(budgets), figsize=(5 * len(budgets), 0.3 * 20 * rows), squeeze=False
+    )
+    for row, (setting, methods) in zip(axes, results.items()):
+        first = next(iter(methods.values()))["final"]
+        metric = "test_accuracy" if "test_accuracy" in next(iter(first.values())) else "test_loss"
+        scale = 100.0 if metric == "test_accuracy" else 1.0
+        names = list(methods)
+        for ax, (budget, label) in zip(row, budgets.items()):
+            s = [report.stats(methods[m]["final"][budget][metric]) for m in names]
+            mean = np.array([x["mean"] for x in s]) * scale
+            low = np.array([x["low"] for x in s]) * scale
+            high = np.array([x["high"] for x in s]) * scale
+            y = np.arange(len(names))[::-1]
+            ax.errorbar(
+                mean, y, xerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
+                fmt="o", capsize=3,
+            )  # fmt: skip
+            ax.set_yticks(y, names, fontsize=8)
+            ax.set_title(f"{setting}: {label}", fontsize=9)
+            ax.set_xlabel(metric + (" (%)" if scale == 100.0 else ""))
+            ax.grid(alpha=0.3)
+    save(fig, path, 100)

@@ -20,7 +20,8 @@ forward passes (``--budget_forward_passes``) or the same training time on this m
 
 ``--budgets=steps,passes,seconds`` reports every method three ways from one tuning: at equal
 steps (the config's, or ``--steps``), at the forward passes the FIRST method spends in those
-steps (its cost per step times its steps: each method's steps = that / its own cost), and at
+steps, counted in samples (its cost per step times its batch times its steps: each method's
+steps = that / (its own cost x batch); ``altlearn.budgets``), and at
 the training time the first method takes for them on this machine (``driver.step_seconds``, all
 seeds vmapped, compile apart). A table (and a panel) per dataset and budget.
 
@@ -39,11 +40,10 @@ import sys
 
 from absl import app, flags
 
+from altlearn import budgets, plotting, report, rules, tune
 from altlearn import config as config_lib
-from altlearn import driver, plotting, report, rules, tune
+from altlearn.budgets import BUDGETS, check_budgets, run_method, set_steps
 from altlearn.train import Experiment, configure_jax
-
-EVALUATIONS = 20  # per run, when --eval_every is not given: enough points for a curve
 
 
 def method_configs(config_file: str, methods: list[str], data: str, extra: str, sets: list[str]):
@@ -71,65 +71,13 @@ def method_configs(config_file: str, methods: list[str], data: str, extra: str, 
     return configs
 
 
-def set_steps(config, seeds: int, steps=None, eval_every=None, passes=0, seconds=0.0) -> None:
-    """How long ``config`` trains: ``steps`` (default the config's) or the steps a budget gives
-    (``driver.budget_steps``), evaluated every ``eval_every`` (default ``EVALUATIONS`` times)."""
-    if passes or seconds:
-        steps = driver.budget_steps(config, range(seeds), passes, seconds)
-    config.steps = int(steps or config.steps)
-    config.eval_every = int(eval_every or -(-config.steps // EVALUATIONS))
-
-
-BUDGETS = {
-    "steps": "equal steps",
-    "passes": "equal forward passes",
-    "seconds": "equal training time",
-}
-
-
-def check_budgets(budgets) -> None:
-    bad = [b for b in budgets if b not in BUDGETS]
-    if bad or not budgets:
-        raise ValueError(f"--budgets={','.join(budgets)}: valid choices: {', '.join(BUDGETS)}.")
-
-
-def budget_of(config, seeds: int, budget: str) -> float:
-    """What ``config``'s run spends at its steps: forward passes or seconds (0 for steps)."""
-    if budget == "passes":
-        return float(config.steps) * Experiment(config).step_cost
-    if budget == "seconds":
-        return float(config.steps) * driver.step_seconds(config, range(seeds))
-    return 0.0
-
-
-def run_method(config, seeds: int, tuned: tune.Tuning | None = None) -> dict:
-    """Trains the seeds through the driver (``tuned``: the tuning that chose its values), and
-    times a step."""
-    runs = driver.run(config, seeds=range(seeds))
-    curves = [
-        {"step": step, **{k: v[:, i].tolist() for k, v in runs.curves.items() if k != "step"}}
-        for i, step in enumerate(runs.steps)
-    ]
-    return {
-        "curves": curves,
-        "final": curves[-1],
-        "steps": int(config.steps),
-        "forward_passes": runs.experiment.step_cost,
-        "time_per_step_s": driver.step_seconds(config, range(seeds)),
-        "compile_time_s": runs.compile_s,
-        "run_time_s": runs.run_s,
-        "tuned": tuned.record() if tuned else None,
-        "config": config.to_dict(),
-    }
-
-
 def table(results: dict) -> str:
     lines = []
     for data, methods in results.items():
         first_name, first = next(iter(methods.items()))
         spent = ""
         if first.get("budget") in ("passes", "seconds"):
-            unit = "forward passes" if first["budget"] == "passes" else "s of training"
+            unit = "sample forward passes" if first["budget"] == "passes" else "s of training"
             spent = f" Every method gets {first['budget_value']:.4g} {unit}."
         metric = "test_accuracy" if "test_accuracy" in first["final"] else "test_loss"
         seeds = len(first["final"][metric])
@@ -215,16 +163,14 @@ def main(argv: list[str]) -> None:
             first = next(iter(configs.values()))
             for budget in _BUDGETS.value:
                 label = data if _BUDGETS.value == ["steps"] else f"{data}, {BUDGETS[budget]}"
-                spend = budget_of(first, _SEEDS.value, budget)
+                spend = budgets.spend(first, _SEEDS.value, budget)
                 results[label] = {}
                 for method, base in configs.items():
                     config = base.copy_and_resolve_references()
                     configure_jax(config)
                     if budget != "steps" and base is not first:  # the first spends its steps
-                        set_steps(
-                            config, _SEEDS.value, None, None,
-                            spend if budget == "passes" else 0, spend if budget == "seconds" else 0,
-                        )  # fmt: skip
+                        steps = budgets.budget_steps(config, _SEEDS.value, budget, spend)
+                        set_steps(config, _SEEDS.value, steps)
                     r = run_method(config, _SEEDS.value, tuned.get(method))
                     results[label][method] = {**r, "budget": budget, "budget_value": spend}
     except ValueError as e:
@@ -249,7 +195,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 (vmapped).")
     _STEPS = flags.DEFINE_integer("steps", None, "Override the config's steps (trained exactly).")
     _EVAL_EVERY = flags.DEFINE_integer(
-        "eval_every", None, f"Evaluate every N steps (default: {EVALUATIONS} times per run)."
+        "eval_every",
+        None,
+        f"Evaluate every N steps (default: {budgets.EVALUATIONS} times per run).",
     )
     _BUDGET_PASSES = flags.DEFINE_integer(
         "budget_forward_passes", 0, "Give every method this many forward passes (0: off)."

@@ -235,6 +235,16 @@ def test_uses_optimizer_says_what_the_rule_does(rule):
     assert bool(updates) == experiment.rule.uses_optimizer, (rule, len(updates))
 
 
+def test_every_rule_traces_in_64_bit_mode():
+    """A run beside closed_form in one process has JAX's 64-bit mode on: every rule's program
+    still traces (its loop carries keep their dtypes: a float64 zero where the step writes
+    float32 fails here). Traced, not compiled, to stay cheap."""
+    with jax.enable_x64(True):
+        for rule in RULE_NAMES:
+            train = make_train(_config(rule, steps=2))
+            jax.jit(train).lower(jax.random.PRNGKey(0), None)
+
+
 @pytest.mark.parametrize("rule", RULE_NAMES)
 def test_jit_scan_keep_state_structure_and_never_retrace(rule):
     """The rule's step traces once however often it is called; a jitted chunk of steps (one

@@ -89,9 +89,8 @@ def test_gpu_bench_names_its_parts_on_a_bad_one():
     script = README.parent / "scripts" / "gpu_bench"
     done = subprocess.run(["bash", str(script), "speed"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "Unknown part 'speed'; valid choices: evolution, rules, pso, hybrid, sweep, all." in (
-        done.stderr
-    )
+    valid = "evolution, rules, pso, hybrid, sweep, feedback, all."
+    assert f"Unknown part 'speed'; valid choices: {valid}" in done.stderr
 
 
 def test_results_script_names_its_parts_and_writes_every_sourced_file():

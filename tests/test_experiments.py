@@ -89,7 +89,7 @@ def test_compare_binary_end_to_end(tmp_path):
     assert np_run["forward_passes"] == 2 and np_run["tuned"] is None
     passes = document["results"]["digits, equal forward passes"]
     assert passes["bp"]["steps"] == 6 and passes["np"]["steps"] == 9  # 18 passes each
-    assert passes["np"]["budget_value"] == 18
+    assert passes["np"]["budget_value"] == 18 * passes["np"]["batch_size"]  # in samples
     assert document["provenance"]["command"].startswith("python -m experiments.compare")
     table = (tmp_path / "compare.md").read_text()
     assert "minus bp" in table and "[" in table and (tmp_path / "compare.png").exists()

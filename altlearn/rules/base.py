@@ -124,6 +124,10 @@ class RuleSpec(NamedTuple):
     ``wants_x64(options)``: whether the rule solves in float64 where the platform has it (the
     binaries then turn JAX's 64-bit mode on before anything is built,
     ``altlearn.train.configure_jax``).
+    ``search``: the rule's main option(s) and the two ends a leaderboard tunes them between, in
+    the ``--tune`` form with keys relative to the rule (``"sigma=[1e-3,1e-2]"``); empty for a
+    rule whose only hyperparameter is the optimizer's learning rate (``experiments/
+    leaderboard.py`` gives every rule the same number of grid points).
     """
 
     factory: Callable[..., LearningRule]
@@ -133,6 +137,7 @@ class RuleSpec(NamedTuple):
     needs: tuple[str, ...] = ()
     uses_optimizer: Callable[[dict[str, Any]], bool] = always
     wants_x64: Callable[[dict[str, Any]], bool] = never
+    search: tuple[str, ...] = ()
 
 
 def factory_options(factory: Callable[..., LearningRule]) -> dict[str, Any]:

@@ -395,6 +395,7 @@ SPEC = RuleSpec(
     needs=("layered",),
     wants_x64=lambda options: options.get("dtype", "auto") != "float32",
     uses_optimizer=never,
+    search=("ridge=[1e-10,1e-4]",),
 )
 
 __all__ = [

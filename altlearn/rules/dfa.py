@@ -60,7 +60,7 @@ def dfa(
         keys = jax.random.split(key, len(names))
         return {
             name: feedback_scale
-            / np.sqrt(outputs)
+            / float(np.sqrt(outputs))  # a Python float: B keeps its dtype in 64-bit mode too
             * jax.random.normal(k, (outputs, int(np.prod(s.shape[1:]))), s.dtype)
             for name, k, s in zip(names[:-1], keys, shapes)
         }

@@ -353,4 +353,5 @@ SPEC = RuleSpec(
         "optimizer" in constructor_args(strategy_class(options["strategy"]))
         and "optimizer" not in (options["strategy_kwargs"] or {})
     ),
+    search=("strategy_params.std_init=[0.01,0.05]",),
 )

@@ -435,4 +435,5 @@ SPEC = RuleSpec(
     source="paper 004 (Lopes & Fazendeiro, arXiv 2005.04153); ESGD (Cui et al. 2018)",
     cost=cost,
     needs=("val",),
+    search=("noise_scale=[0.01,0.05]",),
 )

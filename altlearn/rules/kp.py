@@ -70,4 +70,5 @@ SPEC = RuleSpec(
     summary="feedback alignment whose feedback follows the weights' updates, both decayed",
     source="Akrout et al. 2019",
     cost=_feedback.backprop_cost,
+    search=("weight_decay=[1e-3,1e-2]",),
 )

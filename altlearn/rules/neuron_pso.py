@@ -336,4 +336,5 @@ SPEC = RuleSpec(
     cost=cost,
     needs=("layered",),
     uses_optimizer=never,
+    search=("inertia=[0.4,0.9]",),
 )

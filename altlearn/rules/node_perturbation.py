@@ -243,4 +243,5 @@ SPEC = RuleSpec(
     source="paper 003 (Dalm et al., arXiv 2310.00965)",
     cost=cost,
     needs=("layered",),
+    search=("sigma=[1e-3,1e-2]",),
 )

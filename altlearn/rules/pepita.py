@@ -101,4 +101,5 @@ SPEC = RuleSpec(
     source="Dellaferrera & Kreiman 2022",
     cost=cost,
     needs=("layered",),
+    search=("feedback_scale=[0.02,0.1]",),
 )

@@ -287,12 +287,17 @@ def persistent(
         )
 
     def init_context(key: jax.Array, variables: Variables) -> Context:
+        # float32 whatever JAX's precision mode (a 64-bit run beside closed_form): the step
+        # writes float32 figures back
         metrics = {
-            "penalty": jnp.zeros(()),
+            "penalty": jnp.zeros((), jnp.float32),
             "nearest_end_point": jnp.full((), jnp.inf, jnp.float32),
         }
         return Context(
-            estimator.init(key, variables), empty_ends(variables["params"]), jnp.zeros(()), metrics
+            estimator.init(key, variables),
+            empty_ends(variables["params"]),
+            jnp.zeros((), jnp.float32),
+            metrics,
         )
 
     options = factory_options(inner)  # the inner rule's decorrelation settings
@@ -422,4 +427,5 @@ SPEC = RuleSpec(
     source="paper 001 (Min, arXiv 2007.01419); deflation (Farrell et al. 2015)",
     cost=cost,
     needs=("train", "val"),
+    search=("strength=[1.0,10.0]",),
 )

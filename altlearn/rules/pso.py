@@ -173,4 +173,5 @@ SPEC = RuleSpec(
     source="baseline of paper 000 (Kumar, arXiv 2412.05667); Clerc & Kennedy 2002",
     cost=cost,
     uses_optimizer=never,
+    search=("inertia=[0.4,0.9]",),
 )

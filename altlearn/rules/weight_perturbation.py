@@ -97,4 +97,5 @@ SPEC = RuleSpec(
     summary="noise on the weights, loss change between two forward passes",
     source="relative of paper 003",
     cost=cost,
+    search=("sigma=[1e-3,1e-2]",),
 )

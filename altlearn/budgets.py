@@ -64,7 +64,7 @@ def budget_steps(
         return max(1, int(round(value / sample_passes(config), 9)))
     if budget == "seconds":
         per_step = seconds_per_step or driver.step_seconds(config, range(seeds))
-        return max(1, int(value / per_step))
+        return max(1, int(round(value / per_step, 9)))  # the reference's own steps exactly
     return int(config.steps)
 
 

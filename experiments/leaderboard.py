@@ -61,6 +61,7 @@ REFERENCE = "backprop"  # the budgets are its spend; the paired column is agains
 LEARNING_RATES = "optimizer.learning_rate=[3e-4,2e-3,1e-2]"
 GRID_SIZE = 6  # points per rule: 3 learning rates x 2 values of the rule's main option
 CONTROL_SEARCH = {"backprop_decay": "kp"}  # a control tuned over the search of the rule it controls
+CONTROL_OF = {rule: control for control, rule in CONTROL_SEARCH.items()}
 # --quick: the first setting's table, small (about 8 minutes on 2 cores, mostly compiling)
 QUICK = {"steps": 100, "seeds": 5, "tune_seeds": 1, "settings": ["mlp_digits"]}
 
@@ -122,7 +123,8 @@ def plan(settings: list[str], methods: list[str], steps: int | None):
             lost = [s for s in specs if s not in mine and s.startswith("rule.")]
             if lost:  # a rule's own search must name one of its sweepable options
                 raise ValueError(f"{method}: RuleSpec.search {lost} names no sweepable option.")
-            tune.check_specs([config], mine)
+            with precision(config):
+                tune.check_specs([config], mine)
             configs[method] = config
         if REFERENCE not in configs:
             raise ValueError(f"--methods must include {REFERENCE} (every budget is its spend).")
@@ -348,6 +350,28 @@ def setting_table(setting: str, entry: dict) -> str:
                 f"{r['time_per_step_s'] * 1e3:.2f} ms ({r['time_per_step_s'] / ref_time:.2f}x) |"
             )
         lines.append("")
+    controlled = [(m, c) for m, c in CONTROL_OF.items() if m in methods and c in methods]
+    if controlled:
+        scale, digits = (100.0, 1) if higher else (1.0, 3)
+        lines += [
+            f"#### {setting}: what a rule adds beyond its regulariser (paired, {metric})",
+            "",
+            "| rule | minus its control | " + " | ".join(BUDGETS.values()) + " |",
+            "|---|---|" + "---|" * len(BUDGETS),
+        ]
+        for m, c in controlled:
+            cells = [
+                report.cell(
+                    report.paired(methods[m]["final"][b][metric], methods[c]["final"][b][metric]),
+                    scale,
+                    digits,
+                    sign=True,
+                    std=False,
+                )  # fmt: skip
+                for b in BUDGETS
+            ]
+            lines.append(f"| {m} | {c} | " + " | ".join(cells) + " |")
+        lines.append("")
     if absent:
         lines += ["Absent from this setting:", ""]
         lines += [f"- {m}: {reason}" for m, reason in absent.items()]
@@ -381,6 +405,11 @@ def description(config: ml_collections.ConfigDict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    if _REWRITE.value:  # the table and plots again from NAME.json, under its own provenance
+        record = report.read(Path(_WORKDIR.value) / f"{_NAME.value}.json")
+        provenance = record.pop("provenance")
+        write(Path(_WORKDIR.value), _NAME.value, record, provenance)
+        return
     provenance = report.Provenance()
     quick = QUICK if _QUICK.value else {}
     seeds = quick.get("seeds", _SEEDS.value)
@@ -403,8 +432,14 @@ def main(argv: list[str]) -> None:
             "methods": run_setting(parts, setting, configs, times[setting], seeds, tune_seeds),
             "absent": absent,
         }
-    body = text(results, seeds, tune_seeds)
     settings = {"seeds": seeds, "tune_seeds": tune_seeds, "grid_size": GRID_SIZE}
+    write(workdir, _NAME.value, {"settings": settings, "results": results}, provenance)
+
+
+def write(workdir: Path, name: str, result: dict, provenance) -> None:
+    """The table, the numbers and the plots of ``result`` (``report.write``)."""
+    results, settings = result["results"], result["settings"]
+    body = text(results, settings["seeds"], settings["tune_seeds"])
 
     def plot(path: Path) -> None:
         everything = {s: e["methods"] for s, e in results.items()}
@@ -414,13 +449,9 @@ def main(argv: list[str]) -> None:
                 {setting: methods}, path.with_name(f"{path.stem}_{setting}.png"), BUDGETS
             )
 
-    paths = report.write(
-        workdir, _NAME.value, {"settings": settings, "results": results}, body, provenance, plot
-    )
+    paths = report.write(workdir, name, result, body, provenance, plot)
     print(body)
-    print(
-        f"Table, numbers and plots: {paths['md']}, {paths['json']}, {workdir}/{_NAME.value}_*.png"
-    )
+    print(f"Table, numbers and plots: {paths['md']}, {paths['json']}, {workdir}/{name}_*.png")
 
 
 if __name__ == "__main__":
@@ -431,6 +462,9 @@ if __name__ == "__main__":
     _STEPS = flags.DEFINE_integer("steps", None, "Override the settings' steps.")
     _QUICK = flags.DEFINE_bool(
         "quick", False, f"The same table, small: {QUICK} (about 8 minutes on 2 cores)."
+    )
+    _REWRITE = flags.DEFINE_bool(
+        "rewrite", False, "Write NAME.md and the plots again from NAME.json; train nothing."
     )
     _WORKDIR = flags.DEFINE_string("workdir", "runs/leaderboard", "Where the outputs go.")
     _NAME = flags.DEFINE_string("name", "leaderboard", "Output file name (NAME.json, .md, .png).")

@@ -108,3 +108,36 @@ def test_leaderboard_binary_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in parts] == stamps  # resumed: nothing redone
     assert json.loads((tmp_path / "leaderboard.json").read_text())["results"] == document["results"]
+    record = report.read(tmp_path / "leaderboard.json")  # --rewrite: the same table again
+    provenance = record.pop("provenance")
+    leaderboard.write(tmp_path, "again", record, provenance)
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "leaderboard.md").read_text()
+
+
+def _fake(accuracies, steps=300):
+    budgets = ("steps", "passes", "seconds")
+    return {
+        "final": {b: {"test_accuracy": list(accuracies), "step": steps} for b in budgets},
+        "steps": dict.fromkeys(budgets, steps),
+        "forward_passes": 3.0,
+        "batch_size": 64,
+        "time_per_step_s": 1e-3,
+        "tuned": {"chosen": {"optimizer.learning_rate": 1e-3}},
+    }
+
+
+def test_kp_is_set_against_its_control_paired():
+    """The table says what kp adds beyond its weight decay: kp minus backprop_decay, paired."""
+    entry = {
+        "description": "x",
+        "absent": {"closed_form": "needs the square loss (the reason given)"},
+        "methods": {
+            "backprop": _fake([0.90, 0.92, 0.94]),
+            "kp": _fake([0.80, 0.83, 0.86]),
+            "backprop_decay": _fake([0.90, 0.92, 0.94]),
+        },
+    }
+    table = leaderboard.setting_table("s", entry)
+    line = next(x for x in table.splitlines() if x.startswith("| kp | backprop_decay |"))
+    assert line.count("-9.0 [-11.5, -6.5]") == 3  # -9 points (std 1) at each budget, 3 seeds
+    assert "- closed_form: needs the square loss" in table

@@ -8,7 +8,7 @@ so the rule does what it is for: below), or ``backprop_decay``, backprop with de
 decay, the control beside kp (whose feedback learns with the same decay).
 
 settings (every rule in a setting trains the same network from the same initialisation on the
-same batches, with Adam; sized so that the whole leaderboard takes about an hour on 2 cores):
+same batches, with Adam; sized so that the whole leaderboard takes about 90 minutes on 2 cores):
   mlp_digits:  scikit-learn digits, MLP 64-128-128-10, ReLU, batch 64, 300 steps.
   mlp_mnist1d: MNIST-1D, MLP 40-128-128-10, ReLU, batch 128, 300 steps.
   cnn_digits:  digits, a LeNet-style CNN (5-wide convolutions of 6 and 16 channels, each pooled;

@@ -108,6 +108,14 @@ def refine(axes: list[sweep_lib.Axis], size: int) -> list[sweep_lib.Axis]:
     return [first._replace(values=tuple(float(v) for v in values)), *axes[1:]]
 
 
+def ranked_scores(values: Any, by: str) -> np.ndarray:
+    """Per point, the mean over seeds of ``values`` [points, seeds] signed so that lower is
+    better (``BY``), a non-finite figure (a diverged run) counting as the worst: what ``tune``
+    chooses by (the argmin)."""
+    values = np.asarray(values, np.float64)
+    return np.where(np.isfinite(values), BY[by] * values, np.inf).mean(axis=1)
+
+
 def tune(
     config: ml_collections.ConfigDict,
     specs: Sequence[str],
@@ -135,15 +143,13 @@ def tune(
         raise ValueError("--tune_by=val_accuracy needs a classification dataset; use val_loss.")
     if by not in runs.curves:
         raise ValueError(f"--tune_by={by}: this run has no {by} (an empty validation split?).")
-    sign = BY[by]
-    values = runs.final(by).astype(np.float64)  # [points, seeds]
-    scores = np.where(np.isfinite(values), sign * values, np.inf).mean(axis=1)
+    scores = ranked_scores(runs.final(by), by)
     best = int(np.argmin(scores))
     figures = {k: runs.final(k).tolist() for k in runs.curves if k != "step"}
     return Tuning(
         grid[best],
         grid,
-        (sign * scores).tolist(),
+        (BY[by] * scores).tolist(),
         by,
         seeds,
         figures,

@@ -163,9 +163,7 @@ class Parts:
 
 def tuned_choice(record: dict, by: str) -> dict[str, float]:
     """The point a tuning record's figures choose by ``by`` (the mean over tuning seeds)."""
-    values = np.asarray(record["figures"][by], np.float64)
-    scores = np.where(np.isfinite(values), tune.BY[by] * values, np.inf).mean(axis=1)
-    return record["grid"][int(np.argmin(scores))]
+    return record["grid"][int(np.argmin(tune.ranked_scores(record["figures"][by], by)))]
 
 
 def tune_method(parts: Parts, setting: str, method: str, config, tune_seeds: int) -> dict:

@@ -6,25 +6,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use: importing it costs about a
+    third of a second, which every process that never plots (a bad flag, a worker) would pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save(fig, path: str | Path, dpi: int = 100) -> None:
     """Lays ``fig`` out, writes it to ``path`` and frees it."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_curves(records: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Loss (and accuracy, if present) against steps for every split found in ``records``."""
     metrics = [m for m in ("loss", "accuracy") if any(f"test_{m}" in r for r in records)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     steps = [r["step"] for r in records]
     for ax, metric in zip(axes[0], metrics):
         for split in ("train", "val", "test"):
@@ -46,7 +52,7 @@ def plot_comparison(results: dict, path: str | Path, metric: str = "test_accurac
 
     ``results[data][method]['curves']`` is a list of {'step': int, metric: [per seed]}.
     """
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, (data, methods) in zip(axes[0], results.items()):
         for method, r in methods.items():
             steps = [c["step"] for c in r["curves"]]
@@ -97,7 +103,7 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Any], score: str, path: st
     maps = [(g, [a.key for a in numeric if a.key in grp[0]]) for g, grp in groups.items()]
     maps = [(g, keys) for g, keys in maps if len(keys) >= 2]
     cols = len(numeric) + len(maps)
-    fig, panels = plt.subplots(1, cols, figsize=(5 * cols, 3.8), squeeze=False)
+    fig, panels = pyplot().subplots(1, cols, figsize=(5 * cols, 3.8), squeeze=False)
     for ax, axis in zip(panels[0], numeric):
         for color, (name, group) in enumerate(groups.items()):
             others = [a.key for a in numeric if a.key != axis.key and a.key in group[0]]
@@ -127,7 +133,7 @@ def plot_sweep(rows: list[dict[str, Any]], axes: list[Any], score: str, path: st
         for k, v in by.items():
             i, j = ys.index(k[1]), xs.index(k[0])
             grid[i, j] = np.nanmin([grid[i, j], np.mean(v)])
-        norm = LogNorm() if wide(grid[np.isfinite(grid)]) else None
+        norm = _log_norm() if wide(grid[np.isfinite(grid)]) else None
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xs)), [f"{x:.3g}" for x in xs], rotation=45, fontsize=7)
         ax.set_yticks(range(len(ys)), [f"{y:.3g}" for y in ys], fontsize=7)
@@ -145,7 +151,7 @@ def plot_leaderboard(results: dict, path: str | Path, budgets: dict[str, str]) -
     from altlearn import report  # the statistics, one definition
 
     rows = len(results)
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         rows, len(budgets), figsize=(5 * len(budgets), 0.3 * 20 * rows), squeeze=False
     )
     for row, (setting, methods) in zip(axes, results.items()):
@@ -168,3 +174,9 @@ def plot_leaderboard(results: dict, path: str | Path, budgets: dict[str, str]) -
             ax.set_xlabel(metric + (" (%)" if scale == 100.0 else ""))
             ax.grid(alpha=0.3)
     save(fig, path, 100)
+
+
+def _log_norm():
+    from matplotlib.colors import LogNorm
+
+    return LogNorm()

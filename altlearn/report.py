@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from scipy import stats as scipy_stats
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax")
 ROOT = Path(__file__).resolve().parent.parent  # the source tree altlearn was loaded from
@@ -172,6 +171,8 @@ def provenance_line(record: dict[str, Any]) -> str:
 
 def t_quantile(n: int) -> float:
     """The 97.5% quantile of Student's t with n - 1 degrees of freedom (a 95% interval)."""
+    from scipy import stats as scipy_stats  # on first use: importing it costs half a second
+
     return float(scipy_stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
 
 
@@ -187,6 +188,8 @@ def stats(values: Sequence[float]) -> dict[str, float]:
     half = t_quantile(n) * std / math.sqrt(n) if n > 1 else math.nan
     p = math.nan
     if n > 1:
+        from scipy import stats as scipy_stats
+
         p = (
             1.0
             if std == 0 and mean == 0

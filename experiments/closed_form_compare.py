@@ -28,7 +28,7 @@ from absl import app, flags
 
 from altlearn import data as data_lib
 from altlearn import driver, plotting, report, tune
-from altlearn.plotting import plt
+from altlearn.plotting import pyplot
 from altlearn.train import configure_jax
 from experiments.configs.closed_form import get_config
 
@@ -192,7 +192,7 @@ def summarise(results: dict) -> str:
 
 
 def plot(results: dict, path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (data, r) in zip(axes[0], results.items()):
         for method in ("closed_form", *_baselines(r)):
             b = r[method]

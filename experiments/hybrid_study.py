@@ -48,7 +48,7 @@ from absl import app, flags
 
 from altlearn import config as config_lib
 from altlearn import driver, plotting, report, tune
-from altlearn.plotting import plt
+from altlearn.plotting import pyplot
 from altlearn.train import Experiment
 from experiments.configs import hybrid as hybrid_configs
 
@@ -274,7 +274,7 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path) -> None:
     count = len(result["results"])
-    fig, axes = plt.subplots(1, count, figsize=(6 * count, 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, count, figsize=(6 * count, 4), squeeze=False)
     for ax, (data, results) in zip(axes[0], result["results"].items()):
         base = np.asarray(results["bp"]["test_accuracy"]) if "bp" in results else None
         for i, (method, r) in enumerate(results.items()):

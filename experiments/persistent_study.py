@@ -46,12 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from scipy import stats as scipy_stats
 
 from altlearn import config as config_lib
 from altlearn import data as data_lib
 from altlearn import driver, models, plotting, report, tune
-from altlearn.plotting import plt
+from altlearn.plotting import pyplot
 from experiments.configs import persistent as persistent_configs
 
 PENALTIES = ("gaussian", "inverse", "deflation")
@@ -144,7 +143,7 @@ def toy_plot(result: dict[str, Any], path) -> None:
     grid = np.linspace(-2.5, 2.5, 201)
     gx, gy = np.meshgrid(grid, grid)
     f = jax.vmap(jax.vmap(lambda a, b: toy_surface(jnp.stack([a, b]))))(gx, gy)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.6))
     for ax, penalty in zip(axes, PENALTIES):
         ax.contourf(gx, gy, np.asarray(f), levels=30, cmap="viridis")
         for i, trajectory in enumerate(result[penalty]["paths"]):
@@ -327,6 +326,8 @@ def kink_table(result: dict[str, Any]) -> str:
     results = result["results"]
     first = next(name for name in results if name.startswith("persistent"))
     below = {name: int(np.sum(np.asarray(r["train_loss"]) < good)) for name, r in results.items()}
+    from scipy import stats as scipy_stats  # on first use (half a second to import)
+
     for name, r in results.items():
         ci = scipy_stats.binomtest(below[name], n).proportion_ci()
         p = ""
@@ -343,7 +344,7 @@ def kink_table(result: dict[str, Any]) -> str:
 
 
 def kink_plot(result: dict[str, Any], path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     data = [np.log10(np.maximum(r["train_loss"], 1e-8)) for r in result["results"].values()]
     ax.boxplot(data, showfliers=True)
     ax.set_xticks(np.arange(1, len(data) + 1), list(result["results"]))
@@ -387,7 +388,7 @@ def cnn_table(result: dict[str, Any]) -> str:
 def cnn_plot(result: dict[str, Any], path) -> None:
     settings = list(result["results"])
     methods = list(next(iter(result["results"].values()))["methods"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(settings)), 4))
+    fig, ax = pyplot().subplots(figsize=(max(8, 1.6 * len(settings)), 4))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         accuracy = [result["results"][s]["methods"][method]["test_accuracy"] for s in settings]

@@ -288,11 +288,31 @@ class LayeredModel:
         """The network output given layer ``layer``'s pre-activation ``a`` [B, ...]: the rest of
         ``apply_layered`` (noise-free), for rules that change one layer and evaluate only what
         lies downstream of it."""
-        h = self.activate(layer, a)
+        return self.preacts_from(variables, layer, a)[0]
+
+    def preacts_from(
+        self,
+        variables: Variables,
+        layer: int,
+        a: jax.Array,
+        noise: Sequence[jax.Array | None] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """(output, pre-activations of layers ``layer``.. as ``apply_layered`` would give them)
+        given layer ``layer``'s pre-activation ``a`` (taken as it is, noise included) and
+        ``noise[l]`` added to each later layer's (entries before ``layer`` are ignored).
+
+        On a noise-free system a pass whose first perturbation enters at layer l equals the
+        clean pass up to a_l, so it can start there (node perturbation's noisy passes do): the
+        layers before l are never recomputed. A noisy system draws fresh intrinsic noise in
+        every layer of every pass, so there it is not the same pass (it has no ``key`` here)."""
+        preacts = [a]
         for i in range(layer + 1, self.num_layers):
-            z = self.layer_input(i, variables, h)
-            h = self.activate(i, self.layer_apply(i, variables["params"][self.layer_names[i]], z))
-        return h
+            z = self.layer_input(i, variables, self.activate(i - 1, preacts[-1]))
+            a = self.layer_apply(i, variables["params"][self.layer_names[i]], z)
+            if noise is not None and noise[i] is not None:
+                a = a + noise[i]
+            preacts.append(a)
+        return self.activate(self.num_layers - 1, preacts[-1]), tuple(preacts)
 
     def apply(self, variables: Variables, x: jax.Array) -> jax.Array:
         return self.apply_layered(variables, x)[0]

@@ -20,7 +20,17 @@ from jax.flatten_util import ravel_pytree
 from altlearn.config import base_config
 from altlearn.rules.base import params_loss
 from altlearn.train import Experiment
-from benchmarks import closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep
+from benchmarks import (
+    closed_form,
+    evolution,
+    harness,
+    hybrid,
+    noise,
+    overhead,
+    pso,
+    rules,
+    sweep,
+)
 
 pytestmark = pytest.mark.slow  # each runs a benchmark binary's measurement
 
@@ -164,6 +174,32 @@ def test_rules_methods_time_the_same_steps():
         runs["np"]["step_ms"] / runs["bp"]["step_ms"]
     )
     assert "| np |" in rules.markdown_table(result)
+    assert runs["bp"]["floor"] == 1.0 and runs["np"]["floor"] == pytest.approx(1.0, abs=0.2)
+
+
+def test_rules_floor_counts_each_methods_products():
+    """MLP 2-3-4 at batch 1: products F = [12, 24]; decorrelation products R = [8, 18]."""
+    dims, floor = [2, 3, 4], rules.matmul_flops
+    assert floor("bp", dims, 1) == 36 + 36 + 24  # forward, weight grads, input grads of layer 2
+    assert floor("np", dims, 1) == floor("anp/jvp", dims, 1) == 36 + 24 + 36  # noisy from layer 2
+    assert floor("inp", dims, 1) == 36 + 24 + 0 + 36  # pass l starts at layer l
+    assert floor("fg", dims, 1) == 36 + 12 + 2 * 24  # primal, tangent (x V_1, then two products)
+    assert floor("wp", dims, 1) == 2 * 36
+    # dbp: forward 62, weight grads 36, input grads 42; the update min(2 R, R + 2 d^3) per layer
+    assert floor("dbp", dims, 1) == 62 + 36 + 42 + 16 + 36
+    assert floor("danp/every4", dims, 1) == 62 + 42 + 36 + (16 + 36) / 4
+    assert floor("pso", dims, 1) is None
+    assert rules.target_of("np/dist=normal") == 1.2 and rules.target_of("np/jvp") == 1.2
+    assert rules.target_of("danp") == 2.0 and rules.target_of("bp") is None
+
+
+def test_noise_benchmark_times_every_generator_and_distribution():
+    result = noise.measure((4, 40), draws=2, repeats=1)
+    names = list(result["results"])
+    assert len(names) == len(noise.GENERATORS) * len(noise.DISTRIBUTIONS)
+    assert all(_positive(r["ns_per_entry"]) for r in result["results"].values())
+    table = noise.markdown_table({**result, "shape": (4, 40), "draws": 2, "repeats": 1})
+    assert "| rbg | normal |" in table and "1.00x" in table
 
 
 # ---------------------------------------------------------------- pso

@@ -53,6 +53,9 @@ NUM_SAMPLES = 20_000
         # change (~1e-3 ||g||) is still far above the rounding of a loss near 1.
         ("weight_perturbation", {"sigma": 1e-3}),
         ("forward_gradient", {}),
+        # +-1 noise: the same mean and covariance, so the same expectation
+        ("weight_perturbation", {"sigma": 1e-3, "noise_distribution": "rademacher"}),
+        ("forward_gradient", {"noise_distribution": "rademacher"}),
     ],
 )
 def test_estimate_is_unbiased_with_the_right_magnitude(net, rule, options):
@@ -262,13 +265,14 @@ def test_node_noise_is_n_0_sigma2_independent_per_sample_and_unit():
         jax.ShapeDtypeStruct((50, 40), jnp.float32),
         jax.ShapeDtypeStruct((50, 8), jnp.float32),
     )
-    draw = jax.jit(draw_noise, static_argnums=(1, 3))
-    eps, keys = draw(jax.random.PRNGKey(0), shapes, 0.01, 25)
+    draw = jax.jit(draw_noise, static_argnums=(1, 3, 4))
+    eps, keys = draw(jax.random.PRNGKey(0), shapes, 0.01, 25, "normal")
     assert [e.shape for e in eps] == [(25, 50, 40), (25, 50, 8)]
     assert keys.shape[0] == 25
     eps = [np.asarray(e, np.float64) / 0.01 for e in eps]
     flat = np.concatenate([np.ravel(e) for e in eps])  # 60000 draws
     assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
+    assert np.mean(np.abs(flat) > 2) > 0.04  # normal tails (+-1 noise has none)
     corr = lambda a, b: abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
     # Neighbours along each axis of layer 0 (~49000 pairs each: chance correlation ~0.005).
     big = eps[0]
@@ -276,3 +280,38 @@ def test_node_noise_is_n_0_sigma2_independent_per_sample_and_unit():
     assert corr(big[:, :-1], big[:, 1:]) < 0.03  # batch row n vs n + 1
     assert corr(big[..., :-1], big[..., 1:]) < 0.03  # unit i vs i + 1
     assert corr(big[..., :8], eps[1]) < 0.05  # layer 0 vs layer 1 (10000 pairs)
+
+
+def test_rademacher_node_noise_is_plus_minus_sigma_independent_per_sample_and_unit():
+    """draw_noise with noise_distribution rademacher: every entry exactly +-sigma, mean 0,
+    variance sigma^2, and no correlation between neighbouring noise samples, batch rows, units
+    or layers (the 32 signs unpacked from one random word are independent bits)."""
+    shapes = (
+        jax.ShapeDtypeStruct((50, 40), jnp.float32),
+        jax.ShapeDtypeStruct((50, 8), jnp.float32),
+    )
+    draw = jax.jit(draw_noise, static_argnums=(1, 3, 4))
+    eps, _ = draw(jax.random.PRNGKey(0), shapes, 0.01, 25, "rademacher")
+    assert [e.shape for e in eps] == [(25, 50, 40), (25, 50, 8)]
+    eps = [np.asarray(e, np.float64) / 0.01 for e in eps]
+    for e in eps:
+        np.testing.assert_allclose(np.abs(e), 1.0, rtol=1e-6)
+    flat_eps = np.concatenate([np.ravel(e) for e in eps])  # 60000 draws
+    assert abs(flat_eps.mean()) < 0.02 and abs(flat_eps.var() - 1) < 0.02
+    corr = lambda a, b: abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+    big = eps[0]
+    assert corr(big[:-1], big[1:]) < 0.03  # noise sample s vs s + 1
+    assert corr(big[:, :-1], big[:, 1:]) < 0.03  # batch row n vs n + 1
+    assert corr(big[..., :-1], big[..., 1:]) < 0.03  # unit i vs i + 1 (bits of one word)
+    assert corr(big[..., :32], big[..., 32:40].repeat(4, axis=-1)) < 0.03  # word vs next word
+    assert corr(big[..., :8], eps[1]) < 0.05  # layer 0 vs layer 1
+    # Another key: other signs (steps and seeds draw from other keys).
+    again, _ = draw(jax.random.PRNGKey(1), shapes, 0.01, 25, "rademacher")
+    assert corr(big, np.asarray(again[0]) / 0.01) < 0.03
+
+
+def test_an_unknown_noise_distribution_is_refused_naming_the_valid_ones(net):
+    model = net[0]
+    for rule in ("node_perturbation", "weight_perturbation", "forward_gradient"):
+        with pytest.raises(ValueError, match="valid choices: normal, rademacher"):
+            rules.make_rule(rule, model, TASK, optax.sgd(0.1), noise_distribution="uniform")

@@ -6,11 +6,15 @@ directional derivative give node perturbation much better convergence and accura
 NP, approaching backprop. What follows is the paper's method as its authors' public code runs
 it; where that left a choice open, the decision is ours and says so.
 
-Noise eps_l ~ N(0, sigma^2 I), shaped like the pre-activation a_l, independent per sample and
-unit and fresh every step, is added to EVERY layer's pre-activation, the output layer's
-included. A clean pass keeps each layer's input z_{l-1}, its pre-activation a_l and the
-per-sample losses l_n; a noisy pass with the same parameters gives the per-sample loss
-difference dl_n = l_n(clean) - l_n(noisy). The error signal e_l of layer l is
+Noise eps_l of zero mean and covariance sigma^2 I, shaped like the pre-activation a_l,
+independent per sample and unit and fresh every step, is added to EVERY layer's pre-activation,
+the output layer's included. The paper draws it from N(0, sigma^2 I); our default draws each
+entry as +-sigma with probability 1/2 (``noise_distribution='rademacher'``): the estimators
+below need only the mean and covariance, and one random bit per entry is far cheaper than a
+normal (``altlearn.rules._noise``; ``'normal'`` gives the paper's noise). A clean pass keeps
+each layer's input z_{l-1}, its pre-activation a_l and the per-sample losses l_n; a noisy pass
+with the same parameters gives the per-sample loss difference dl_n = l_n(clean) - l_n(noisy).
+The error signal e_l of layer l is
 
     np:   e_l = eps_l * dl / sigma^2                                   (one noisy pass)
     anp:  e_l = N * dl * da_l / S,  da_l = a_l(noisy) - a_l(clean),  S_n = sum_l ||da_{l,n}||^2,
@@ -58,6 +62,7 @@ import optax
 
 from altlearn.losses import Task
 from altlearn.models import LayeredModel, Model
+from altlearn.rules._noise import check_distribution, unit_noise
 from altlearn.rules.base import (
     EstimateAux,
     LearningRule,
@@ -91,12 +96,16 @@ def _layer_local_grads(model: LayeredModel, params, inputs, errors) -> dict[str,
 
 
 def draw_noise(
-    key: jax.Array, preacts: Sequence[Any], sigma: Any, num_noise_samples: int
+    key: jax.Array,
+    preacts: Sequence[Any],
+    sigma: Any,
+    num_noise_samples: int,
+    distribution: str = "rademacher",
 ) -> tuple[list[jax.Array], jax.Array]:
     """The node noise of ``num_noise_samples`` noisy passes and the key of each pass.
 
     ``preacts``: one array (or ``jax.ShapeDtypeStruct``) per layer, shaped like its
-    pre-activation [B, ...]. Returns (eps, keys_system): eps[l] ~ N(0, sigma^2 I) of shape
+    pre-activation [B, ...]. Returns (eps, keys_system): eps[l] of covariance sigma^2 I and shape
     [num_noise_samples, B, ...], independent per sample, unit and noisy pass, and one key per
     noisy pass for a noisy system's intrinsic noise (``estimate_from_noise``).
     """
@@ -105,7 +114,7 @@ def draw_noise(
     def one_sample(key_sample):
         key_eps, key_system = jax.random.split(key_sample)
         keys = jax.random.split(key_eps, num_layers)
-        eps = [sigma * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, preacts)]
+        eps = [sigma * unit_noise(k, a.shape, a.dtype, distribution) for k, a in zip(keys, preacts)]
         return eps, key_system
 
     return jax.vmap(one_sample)(jax.random.split(key, num_noise_samples))
@@ -136,18 +145,43 @@ def estimate_from_noise(
     # CLEAN PASS: caches z_{l-1}, a_l and the per-sample losses.
     loss_clean, clean = run(None, key_clean)
     num_layers = len(clean.preacts)
+    # On a noise-free system a perturbed pass equals the clean one up to the first perturbed
+    # pre-activation, so it starts there (``preacts_from``): np and anp skip the first layer's
+    # product, inp's pass l skips l layers. A noisy system redraws its intrinsic noise in every
+    # layer of every pass, so it runs whole passes.
+    whole_passes = model.intrinsic_noise > 0
+
+    def from_first(noise):
+        """(per-sample loss, pre-activations from the first perturbed layer on) of the pass
+        that adds ``noise`` (None entries: unperturbed) to the clean pass's pre-activations."""
+        first = next(i for i, n in enumerate(noise) if n is not None)
+        out, preacts = model.preacts_from(
+            variables, first, clean.preacts[first] + noise[first], noise
+        )
+        return task.loss(out, y), (None,) * first + preacts
 
     def perturbed(noise, key_system):
-        """(dl [B], da per layer) for node noise ``noise`` (None entries: unperturbed)."""
+        """(dl [B], da per layer) for node noise ``noise`` (None entries: unperturbed; da is
+        None before the first perturbed layer where the pass starts late)."""
         if mode == "finite_difference":
-            loss_noisy, noisy = run(noise, key_system)
-            da = [an - ac for an, ac in zip(noisy.preacts, clean.preacts)]
+            if whole_passes:
+                loss_noisy, noisy = run(noise, key_system)
+                preacts = noisy.preacts
+            else:
+                loss_noisy, preacts = from_first(noise)
+            da = [None if an is None else an - ac for an, ac in zip(preacts, clean.preacts)]
             return loss_clean - loss_noisy, da
-        zeros = [jnp.zeros_like(a) for a in clean.preacts]
-        tangent = [jnp.zeros_like(a) if n is None else n for n, a in zip(noise, clean.preacts)]
-        # The primal point is the clean pass (same system noise), so the tangent is exact.
-        f = lambda nz: (lambda r: (r[0], r[1].preacts))(run(nz, key_clean))
-        _, (dloss, da) = jax.jvp(f, (zeros,), (tangent,))
+        if whole_passes:
+            zeros = [jnp.zeros_like(a) for a in clean.preacts]
+            tangent = [jnp.zeros_like(a) if n is None else n for n, a in zip(noise, clean.preacts)]
+            # The primal point is the clean pass (same system noise), so the tangent is exact.
+            f = lambda nz: (lambda r: (r[0], r[1].preacts))(run(nz, key_clean))
+            _, (dloss, da) = jax.jvp(f, (zeros,), (tangent,))
+            return -dloss, list(da)
+        # The tangent of the pass from the first perturbed layer, at the clean pass.
+        live = [n is not None for n in noise]
+        zeros = [jnp.zeros_like(a) if on else None for a, on in zip(clean.preacts, live)]
+        _, (dloss, da) = jax.jvp(from_first, (zeros,), (list(noise),))
         return -dloss, list(da)
 
     def errors_one_sample(eps, key_system):
@@ -187,6 +221,7 @@ def node_perturbation(
     decorrelation_rate: Any = 1e-3,
     decorrelation_every: int = 1,
     rng_partitionable: str = "auto",
+    noise_distribution: str = "rademacher",
 ) -> LearningRule:
     """Node perturbation (module docstring).
 
@@ -196,6 +231,9 @@ def node_perturbation(
     eta_R and ``decorrelation_every`` K: the decorrelation matrices' local rule (decorrelated
     models only). ``rng_partitionable``: the threefry mode of the noise (``base.rng_mode``;
     ``"auto"``: the classic mode on CPU, where it draws normals 3x faster).
+    ``noise_distribution``: ``rademacher`` (default: eps = +-sigma per unit and sample, one
+    random bit each) or ``normal`` (eps ~ N(0, sigma^2 I), the paper's; ``altlearn.rules._noise``
+    has the measurements behind the default).
 
     ``num_noise_samples`` defaults to 16 (the paper uses one; its configs,
     ``experiments/configs/np_family.py``, set 1): with one sample the estimate of a wide
@@ -213,11 +251,14 @@ def node_perturbation(
         raise ValueError(f"Unknown mode {mode!r}; valid choices: {', '.join(MODES)}.")
     check_positive("sigma", sigma)
     check_count("num_noise_samples", num_noise_samples)
+    check_distribution(noise_distribution)
 
     def estimate(key, variables, state, batch):
         key_clean, key_noise = jax.random.split(key)
         shapes = model.preact_shapes(variables, batch[0])
-        eps, keys_system = draw_noise(key_noise, shapes, sigma, num_noise_samples)
+        eps, keys_system = draw_noise(
+            key_noise, shapes, sigma, num_noise_samples, noise_distribution
+        )
         grads, aux = estimate_from_noise(
             model, task, variables, batch, eps, keys_system, key_clean, variant, mode, sigma
         )

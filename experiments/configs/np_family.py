@@ -11,6 +11,8 @@ every K steps only (amortising their cost). noise=S makes the network a noisy sy
 node noise of std S that no rule can read); sigma=X overrides the injected node noise.
 rng=on|off|auto|jax sets the threefry mode of the noise (rule.rng_partitionable; default auto:
 the classic mode on CPU; rng=on reproduces tables measured before that default, 2026-11-23).
+dist=normal|rademacher sets the noise's distribution (rule.noise_distribution; default the rules'
+own, rademacher since 2026-12-06; dist=normal reproduces tables measured before that).
 
 scale=cpu (default): MLP in-256-256-256-out, leaky ReLU 0.2, batch 128, 3000 steps, Adam 1e-3,
 sigma 1e-2, eta_R 1e-3; digits or mnist1d. About 10-60 s per run on 2 CPU cores (inp and dinp
@@ -49,6 +51,7 @@ def parse(arg: str | None) -> dict[str, str]:
         "noise": "0",
         "sigma": "",
         "rng": "",
+        "dist": "",
     }
     out = parse_keyed_variant(arg, out, METHODS)
     if out["scale"] not in ("cpu", "paper"):
@@ -94,4 +97,8 @@ def get_config(arg: str | None = None):
     config.rule.decorrelation_every = int(v["every"])
     if v["rng"] and "rng_partitionable" in config.rule:  # the noise's threefry mode
         config.rule.rng_partitionable = v["rng"]
+    if v["dist"]:
+        if "noise_distribution" not in config.rule:
+            raise ValueError(f"dist= is an option of the perturbation rules, not of {rule}.")
+        config.rule.noise_distribution = v["dist"]
     return config

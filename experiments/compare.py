@@ -118,6 +118,43 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_pairs(pairs: list[str], methods: list[str]) -> list[tuple[str, str]]:
+    """``--pairs`` entries ``A:B`` (A minus B, both among ``methods``) as tuples."""
+    out = []
+    for pair in pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or a not in methods or b not in methods:
+            raise ValueError(
+                f"--pairs: bad pair {pair!r}; give METHOD:METHOD, both among --methods "
+                f"({', '.join(methods)})."
+            )
+        out.append((a, b))
+    return out
+
+
+def pairs_table(results: dict, pairs: list[tuple[str, str]]) -> str:
+    """Per table of ``results``: each pair's paired difference A minus B by seed."""
+    lines = []
+    for label, methods in results.items():
+        first = next(iter(methods.values()))
+        metric = "test_accuracy" if "test_accuracy" in first["final"] else "test_loss"
+        lines += [
+            f"### {label}: paired differences",
+            "",
+            f"Each method minus its pair, paired by seed (same initialisation and batches), "
+            f"mean ± sample std [95% t interval] over {len(first['final'][metric])} seeds.",
+            "",
+            f"| method | minus | {metric} | train loss |",
+            "|---|---|---|---|",
+        ]
+        for a, b in pairs:
+            fa, fb = methods[a]["final"], methods[b]["final"]
+            diff = lambda key: report.cell(report.paired(fa[key], fb[key]), sign=True)  # noqa: B023
+            lines.append(f"| {a} | {b} | {diff(metric)} | {diff('train_loss')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     del argv
     provenance = report.Provenance()
@@ -125,6 +162,7 @@ def main(argv: list[str]) -> None:
         report.prepare_workdir(_WORKDIR.value)
         tune.check_by(_TUNE_BY.value)
         check_budgets(_BUDGETS.value)
+        pairs = parse_pairs(_PAIRS.value, _METHODS.value)
         if len(_BUDGETS.value) > 1 and (_BUDGET_PASSES.value or _BUDGET_SECONDS.value):
             raise ValueError(
                 "--budgets derives the budgets from the first method; give "
@@ -176,8 +214,11 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     text = table(results)
+    if pairs:
+        text += "\n" + pairs_table(results, pairs)
+    document = {"results": results, "pairs": [list(p) for p in pairs]}
     paths = report.write(
-        _WORKDIR.value, _NAME.value, {"results": results}, text, provenance,
+        _WORKDIR.value, _NAME.value, document, text, provenance,
         lambda path: plotting.plot_comparison(results, path),
     )  # fmt: skip
     print(text)
@@ -188,6 +229,9 @@ if __name__ == "__main__":  # flags only for the binary: the module stays import
     _CONFIG = flags.DEFINE_string("config", "experiments/configs/np_family.py", "Config file.")
     _METHODS = flags.DEFINE_list(
         "methods", ["bp", "danp"], "The config file's method variants, or registered rules."
+    )
+    _PAIRS = flags.DEFINE_list(
+        "pairs", [], "A:B,...: also tabulate method A minus method B, paired by seed."
     )
     _DATA = flags.DEFINE_list("data", ["digits"], "Datasets.")
     _EXTRA = flags.DEFINE_string("variant_extra", "", "Appended to every config variant.")

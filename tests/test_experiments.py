@@ -75,6 +75,25 @@ def test_compare_takes_config_variants_and_any_registered_rule():
 
 
 @pytest.mark.slow
+def test_compare_pairs_tabulate_paired_differences_and_refuse_unknown_methods():
+    methods = ["np", "np/dist=normal"]
+    assert compare.parse_pairs(["np:np/dist=normal"], methods) == [("np", "np/dist=normal")]
+    for bad in ("np", "np:anp", "anp:np"):
+        with pytest.raises(ValueError, match="both among --methods"):
+            compare.parse_pairs([bad], methods)
+    final = lambda acc, loss: {"test_accuracy": acc, "train_loss": loss}
+    results = {
+        "digits": {
+            "np": {"final": final([0.9, 0.8, 0.7], [1.0, 1.0, 1.0])},
+            "np/dist=normal": {"final": final([0.8, 0.8, 0.8], [2.0, 1.0, 0.0])},
+        }
+    }
+    text = compare.pairs_table(results, [("np", "np/dist=normal")])
+    # differences +0.1, 0, -0.1 (mean 0, std 0.1) and -1, 0, +1 (mean 0, std 1)
+    assert "| np | np/dist=normal | " in text and "0.000 ± 0.100 [-0.248, +0.248] |" in text
+    assert "over 3 seeds" in text
+
+
 def test_compare_binary_end_to_end(tmp_path):
     """At equal steps and at the forward passes bp spends in them (np: 2 a step, bp: 3)."""
     result = run_module(

@@ -6,8 +6,9 @@
 
 A member is one (point, seed): the hyperparameter values of ``points[p]`` (sweepable floats,
 ``config.hparams``) and the run key of seed s, ``PRNGKey(s)`` (the key ``experiments.train
---config.seed=s`` uses), or ``keys[s]`` where given. Every member trains as one
-``jax.jit(jax.vmap(train))`` program:
+--config.seed=s`` uses), or ``keys[s]`` where given. Every member trains in one
+``jax.jit`` program (the members vmapped on an accelerator, mapped one after another on a CPU:
+``members_program``):
 
 - **memory**: with ``memory_budget_mb`` the members run in sequential chunks of one compiled
   program whose XLA memory analysis fits the budget (``chunk_size``);
@@ -90,6 +91,45 @@ class Runs(NamedTuple):
         return {k: v[member].tolist() for k, v in self.curves.items()}
 
 
+def default_members_per_batch() -> int:
+    """How many members a program vmaps at a time by default: all of them (0) on an
+    accelerator, one at a time (1) on a CPU (``members_program``)."""
+    return 1 if jax.default_backend() == "cpu" else 0
+
+
+def members_program(fn: Callable, members_per_batch: int, devices: int = 1) -> Callable:
+    """``fn`` of one member's arguments made a function of every member's (each argument a
+    pytree with a leading member axis [n, ...]; the results stacked alike), for ONE program.
+
+    ``members_per_batch`` 0: the whole member axis vmapped (an accelerator runs the members
+    side by side). k >= 1: ``lax.map`` over the members, k vmapped at a time (with several
+    devices, each device maps over its own share of the axis). On XLA:CPU vmapping members
+    cannot save arithmetic (every member has its own weights), the batched products compile
+    slower than one run's plain ones, and a batch of members' weights and optimizer states falls
+    out of the caches that one member's fits in (docs/BENCHMARKS.md, "Sweeps"); there the
+    members run one after another inside the program, each step compiled as one run's is.
+    """
+    if members_per_batch <= 0:
+        return jax.vmap(fn)
+
+    # batch_size=1 would still vmap (over an axis of one): plain lax.map traces fn as it is.
+    batch = None if members_per_batch == 1 else members_per_batch
+
+    def one_device(*args):
+        return jax.lax.map(lambda a: fn(*a), args, batch_size=batch)
+
+    if devices == 1:
+        return one_device
+
+    def program(*args):  # [n, ...] -> [devices, n / devices, ...]: each device maps its share
+        n = jax.tree.leaves(args)[0].shape[0]
+        split = lambda a: a.reshape(devices, n // devices, *a.shape[1:])
+        out = jax.vmap(one_device)(*jax.tree.map(split, args))
+        return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+    return program
+
+
 def chunk_size(program: Callable, keys, hparams, budget_mb: float, devices: int) -> int:
     """Members per chunk whose compiled program fits ``budget_mb`` (XLA's memory analysis of
     one- and two-member programs: a fixed part and a part per member); all if no budget."""
@@ -158,6 +198,7 @@ def run(
     dataset: data_lib.Dataset | None = None,
     model: Any = None,
     observe: Callable | None = None,
+    members_per_batch: int | None = None,
 ) -> Runs:
     """Trains every (point, seed) of ``config`` through one compiled, vmapped program.
 
@@ -167,7 +208,8 @@ def run(
     always); ``select(point_index)``: train only the points it accepts (a job's share);
     ``save_dir`` / ``name``: where finished chunks are saved and found again (module docstring);
     ``dataset`` / ``model``: arrays or a model of your own (``Experiment``); ``observe``: extra
-    figures per evaluation (``make_train``).
+    figures per evaluation (``make_train``); ``members_per_batch``: members vmapped at a time
+    inside the program (``members_program``; None: ``default_members_per_batch()``).
     """
     points = [dict(p) for p in (points or [{}])]
     seeds = [int(s) for s in seeds]
@@ -191,7 +233,12 @@ def run(
     sharding = None
     if len(devices) > 1:  # the member axis sharded over every device of every process
         sharding = NamedSharding(Mesh(np.array(devices), ("members",)), PartitionSpec("members"))
-    program = jax.jit(jax.vmap(curves_of), in_shardings=sharding and (sharding, sharding))
+    if members_per_batch is None:
+        members_per_batch = default_members_per_batch()
+    program = jax.jit(
+        members_program(curves_of, members_per_batch, len(devices)),
+        in_shardings=sharding and (sharding, sharding),
+    )
     compiled, compile_s, run_s = None, 0.0, 0.0
     outs = []
     writer = jax.process_index() == 0
@@ -238,11 +285,12 @@ def step_timer(
     model: Any = None,
 ) -> Callable[[], float]:
     """A probe of the steady-state wall seconds per training step of the members (points x
-    seeds) vmapped as ``run`` trains them, without evaluations or compilation: ONE compiled chunk
-    of steps from step 0 (``period`` steps, at least 20: a rule's phase interval, so that phases
-    count at their share), compiled and called once to warm up here; each call of the probe then
-    calls it again on the state it returns until the calls add up to ``PROBE_SECONDS`` (a single
-    short call of a fast step would time mostly the call) and returns seconds per step."""
+    seeds) in one program as ``run`` trains them, without evaluations or compilation: ONE
+    compiled chunk of steps from step 0 (``period`` steps, at least 20: a rule's phase interval,
+    so that phases count at their share), compiled and called once to warm up here; each call
+    of the probe then calls it again on the state it returns until the calls add up to
+    ``PROBE_SECONDS`` (a single short call of a fast step would time mostly the call) and
+    returns seconds per step."""
     experiment = Experiment(config, dataset, model)
     points = [dict(p) for p in (points or [{}])]
     check_points(experiment, points)
@@ -252,7 +300,8 @@ def step_timer(
     }
     state = jax.jit(jax.vmap(experiment.init))(keys, hparams)
     length = -(-20 // period) * period
-    chunk = jax.jit(jax.vmap(lambda s: experiment.train_steps(s, length)[0]), donate_argnums=0)
+    steps = lambda s: experiment.train_steps(s, length)[0]
+    chunk = jax.jit(members_program(steps, default_members_per_batch()), donate_argnums=0)
     chunk = chunk.lower(state).compile()
     state = [jax.block_until_ready(chunk(state))]
 
@@ -276,8 +325,8 @@ def step_seconds(
     period: int = 1,
     model: Any = None,
 ) -> float:
-    """Steady-state wall seconds per training step of the members (points x seeds) vmapped as
-    ``run`` trains them (one probe of ``step_timer``)."""
+    """Steady-state wall seconds per training step of the members (points x seeds) in one
+    program as ``run`` trains them (one probe of ``step_timer``)."""
     return step_timer(config, seeds, points, dataset, period, model)()
 
 

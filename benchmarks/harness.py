@@ -395,3 +395,74 @@ def make_raw_es_loop(
         return RawESState(step, state.key, es_state), losses
 
     return init, train_chunk
+
+
+class RawPSOState(NamedTuple):
+    step: jax.Array  # int32 []
+    key: jax.Array  # the run key (altlearn's TrainState.key)
+    pso_state: Any
+
+
+def make_raw_pso_loop(
+    experiment: Experiment,
+) -> tuple[
+    Callable[[TrainState], RawPSOState],
+    Callable[[RawPSOState, int], tuple[RawPSOState, jax.Array]],
+]:
+    """``init(train_state)`` and ``train_chunk(state, num_steps) -> (state, mean fitness
+    [num_steps])`` of a raw evosax PSO loop: evosax's ``PSO`` over ``HandMLP``'s params with the
+    config's inertia and coefficients, ``ask`` -> ``vmap`` of the mean cross-entropy -> ``tell``
+    in a ``lax.scan``, on the minibatches altlearn's run draws.
+
+    ``init`` takes altlearn's initial ``pso`` state: the swarm's initial positions become
+    evosax's initial population (scored on the first batch, as evosax's ``init`` asks), so both
+    start from the same particles. evosax's PSO is classic PSO: a best keeps the fitness it was
+    found with (altlearn's ``rescore_bests=False``), no velocity clamp (``velocity_clamp=0``),
+    one r1, r2 per particle (``shared_coefficients=True``). The random numbers come from other
+    generators on the two sides, so the trajectories differ while the work per iteration (P
+    forward passes and the swarm update) is the same.
+    """
+    from evosax.algorithms import PSO  # the evolution rule's dependency
+
+    config = experiment.config
+    module = hand_module(experiment)
+    x_train, y_train = experiment.x_train, experiment.y_train
+    batch, num_train = experiment.batch_size, experiment.num_train
+    population_size = int(config.rule.population_size)
+    solution = jax.eval_shape(module.init, jax.random.PRNGKey(0), x_train[:1])["params"]
+    pso = PSO(population_size, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), solution))
+    params = pso.default_params.replace(
+        inertia_coeff=float(config.rule.inertia),
+        cognitive_coeff=float(config.rule.cognitive),
+        social_coeff=float(config.rule.social),
+    )
+
+    def fitness(member: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits = module.apply({"params": member}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def init(train_state: TrainState) -> RawPSOState:
+        population = jax.vmap(lambda p: hand_params(experiment, p))(train_state.rule_state.position)
+        data_key = jax.random.split(train_state.key)[0]
+        i = _batch_indices(data_key, train_state.step, 1, num_train, batch)[0]
+        f = jax.vmap(fitness, in_axes=(0, None, None))(population, x_train[i], y_train[i])
+        pso_key = jax.random.fold_in(train_state.key, 1)
+        state = pso.init(pso_key, population, f, params)
+        return RawPSOState(train_state.step, train_state.key, state)
+
+    def train_chunk(state: RawPSOState, num_steps: int) -> tuple[RawPSOState, jax.Array]:
+        data_key, step_key = jax.random.split(state.key)
+        idx = _batch_indices(data_key, state.step, num_steps, num_train, batch)
+
+        def body(carry: tuple[jax.Array, Any], i: jax.Array):
+            step, pso_state = carry
+            key_ask, key_tell = jax.random.split(jax.random.fold_in(step_key, step))
+            population, pso_state = pso.ask(key_ask, pso_state, params)
+            f = jax.vmap(fitness, in_axes=(0, None, None))(population, x_train[i], y_train[i])
+            pso_state, _ = pso.tell(key_tell, population, f, pso_state, params)
+            return (step + 1, pso_state), jnp.mean(f)
+
+        (step, pso_state), losses = jax.lax.scan(body, (state.step, state.pso_state), idx)
+        return RawPSOState(step, state.key, pso_state), losses
+
+    return init, train_chunk

@@ -29,6 +29,13 @@ same rounds) gives a floor: P forward passes at the peak, 2 * batch * num_params
 pyswarms' time over that floor bounds the ratio any implementation of the same P passes could
 reach on this machine.
 
+A third table times pso against the loop a user of evosax writes (``benchmarks.harness.
+make_raw_pso_loop``: evosax's ``PSO``, ask, the vmapped loss, tell, in a ``lax.scan``), from the
+same initial particles on the same minibatches: altlearn as specified and as the same algorithm
+as evosax's (``rescore_bests=False``, ``velocity_clamp=0`` and ``shared_coefficients=True``: one
+r1, r2 per particle; P + 1 forward passes against evosax's P, the +1 being the incoming params'
+loss that altlearn reports).
+
 The last rows compare ``neuron_pso`` (16 particles per neuron, Jacobi) with ``pso`` given as
 many particles as ``neuron_pso`` evaluates candidates per step, so both do the same number of
 (full or downstream-only) network evaluations per step.
@@ -55,6 +62,7 @@ from benchmarks.harness import (
     busy_cores_line,
     command_line,
     machine_facts,
+    make_raw_pso_loop,
     matmul_peak,
     timed_rounds,
     write_json,
@@ -63,6 +71,7 @@ from benchmarks.harness import (
 INERTIA, COGNITIVE, SOCIAL = 0.729, 1.49445, 1.49445
 INIT_SCALE, CLAMP = 0.1, 0.1
 NEURON_PARTICLES = 16
+AS_EVOSAX = "altlearn pso as evosax's (rescore_bests=False, velocity_clamp=0, shared_coefficients)"
 
 
 def make_config(
@@ -210,10 +219,11 @@ def measure(
     neuron_pso: bool = True,
     matmul_size: int = 2048,
     full_batch: bool = True,
+    evosax: bool = True,
 ) -> dict[str, Any]:
-    """pso against pyswarms at ``batch_size`` and (``full_batch``) at full batch, then
-    (``neuron_pso``) neuron_pso against pso at equal evaluations; every number as a JSON-able
-    dict."""
+    """pso against pyswarms at ``batch_size`` and (``full_batch``) at full batch, (``evosax``)
+    against a raw evosax PSO loop, then (``neuron_pso``) neuron_pso against pso at equal
+    evaluations; every number as a JSON-able dict."""
     population = population_size
     config = lambda rule, batch, **options: make_config(rule, batch, data, widths, **options)
     results: dict[str, Any] = {}
@@ -273,6 +283,38 @@ def measure(
                 "pyswarms": population,
             },
             "other_processes_busy_cores": rounds.other_load_cores,
+        }
+
+    if evosax:  # the same classic PSO algorithm written with evosax, at the minibatch size
+        classic = config(
+            "pso", batch_size, population_size=population, rescore_bests=False,
+            shared_coefficients=True,
+        )  # fmt: skip
+        classic.rule.velocity_clamp = 0.0  # evosax's PSO has none
+        runs = {
+            "altlearn pso": altlearn_loop(
+                config("pso", batch_size, population_size=population), chunk_steps
+            ),
+            AS_EVOSAX: altlearn_loop(classic, chunk_steps),
+        }
+        experiment = Experiment(classic)
+        raw_init, raw_chunk = make_raw_pso_loop(experiment)
+        raw_state = jax.jit(raw_init)(jax.jit(experiment.init)(jax.random.PRNGKey(0)))
+        runs["raw evosax PSO"] = Loop(lambda s: raw_chunk(s, chunk_steps), raw_state, chunk_steps)
+        rounds = timed_rounds(runs, repeats)
+        loads.append(rounds.other_load_cores)
+        times = {name: statistics.median(rounds.times[name]) / chunk_steps for name in runs}
+        passes = {"altlearn pso": 2 * population + 1, "raw evosax PSO": population}
+        passes[AS_EVOSAX] = population + 1
+        results["evosax"] = {
+            name: {
+                "step_ms": 1e3 * times[name],
+                "vs_raw_evosax": times[name] / times["raw evosax PSO"],
+                "forward_passes_per_iteration": passes[name],
+                "compile_s": run.compile_s,
+                "steps_run": int(run.state.step),
+            }
+            for name, run in runs.items()
         }
 
     if neuron_pso:
@@ -367,13 +409,29 @@ def markdown_tables(result: dict[str, Any]) -> str:
             f"neuron_pso ({NEURON_PARTICLES} particles per neuron, Jacobi) vs pso at equal "
             f"network evaluations per step, batch {settings['batch_size']}:",
             "",
-            "| rule | evaluations / step | step (ms) | us / evaluation | compile (s) |",
-            "|---|---|---|---|---|",
+            "| rule | evaluations / step | step (ms) | vs pso | us / evaluation | compile (s) |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in neuron.items():
             lines.append(
                 f"| {name} | {r['network_evaluations_per_step']} | {r['step_ms']:.2f} | "
+                f"{r['step_ms'] / neuron['pso']['step_ms']:.2f}x | "
                 f"{r['us_per_evaluation']:.2f} | {r['compile_s']:.1f} |"
+            )
+    raw = result["results"].get("evosax")
+    if raw:
+        lines += [
+            "",
+            f"pso against a raw evosax PSO loop (ask, vmapped loss, tell), batch "
+            f"{settings['batch_size']}:",
+            "",
+            "| loop | forward passes / iteration | step (ms) | vs raw evosax | compile (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in raw.items():
+            lines.append(
+                f"| {name} | {r['forward_passes_per_iteration']} | {r['step_ms']:.2f} | "
+                f"{r['vs_raw_evosax']:.2f}x | {r['compile_s']:.1f} |"
             )
     busy = busy_cores_line(result)
     return "\n".join([*lines, "", busy] if busy else lines)
@@ -393,6 +451,7 @@ def main(argv: list[str]) -> None:
         neuron_pso=_NEURON.value,
         matmul_size=_MATMUL_SIZE.value,
         full_batch=_FULL_BATCH.value,
+        evosax=_EVOSAX.value,
     )
     result = {"command": command_line("benchmarks.pso"), **result}
     out = write_json(result, _OUT.value, markdown_tables(result), provenance)
@@ -413,6 +472,7 @@ if __name__ == "__main__":
     )
     _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per method (median reported).")
     _FULL_BATCH = flags.DEFINE_bool("full_batch", True, "Also time pso vs pyswarms at full batch.")
+    _EVOSAX = flags.DEFINE_bool("evosax", True, "Also time pso against a raw evosax PSO loop.")
     _NEURON = flags.DEFINE_bool("neuron_pso", True, "Also time neuron_pso vs pso at equal work.")
     _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the peak-FLOPs matmul.")
     _OUT = flags.DEFINE_string("out", "docs/bench/pso.json", "JSON output path.")

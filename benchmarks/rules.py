@@ -7,8 +7,9 @@ rule's arithmetic floor beside it.
 Settings (np_family's methods, leaky ReLU 0.2, Adam, one noise sample per step as paper 003):
 ``digits`` MLP 64-256-256-10 at batch 64, ``mnist1d`` the default MLP 40-512-512-10 at batch
 128, ``paper`` the paper's CIFAR-10-sized MLP (3072-1024x3-10, batch 1000) on random data of
-that shape (no files needed). ``--seeds=S`` > 1 times S seeds vmapped in one program (what a
-sweep runs), every method alike.
+that shape (no files needed). ``--seeds=S`` > 1 times S seeds in one program (what a
+sweep runs, ``altlearn.driver.members_program``: mapped one by one on a CPU by default, all
+vmapped with ``--members_per_batch=0``), every method alike.
 
 Each method's ``chunk_steps`` training steps are compiled ahead of time (compile time reported
 apart) and timed as one call (``benchmarks.harness.Loop``); after one untimed warm-up round the
@@ -42,7 +43,7 @@ import numpy as np
 from absl import app
 
 from altlearn import data as data_lib
-from altlearn import report
+from altlearn import driver, report
 from altlearn.train import Experiment
 from benchmarks.harness import (
     Loop,
@@ -176,18 +177,20 @@ def measure(
     repeats: int,
     dataset: data_lib.Dataset | None = None,
     seeds: int = 1,
+    members_per_batch: int = 0,
 ) -> dict[str, Any]:
     """Median seconds per step of each config, interleaved; compile times apart. The first
-    config is the baseline of ``ratio_vs_first`` (and of ``floor``); ``seeds`` > 1 vmaps that
-    many seeds in one program for every config."""
+    config is the baseline of ``ratio_vs_first`` (and of ``floor``); ``seeds`` > 1 runs that
+    many seeds in one program for every config, ``members_per_batch`` of them vmapped at a time
+    (``altlearn.driver.members_program``; 0: all)."""
     loops, floors, xla = {}, {}, {}
     for name, config in configs.items():
         experiment = Experiment(config, dataset)
         chunk = lambda s, e=experiment: e.train_steps(s, chunk_steps)
-        if seeds > 1:
+        if seeds > 1:  # the members in one program, as the engine runs them
             keys = jax.random.split(jax.random.PRNGKey(0), seeds)
             state = jax.jit(jax.vmap(experiment.init))(keys)
-            chunk = jax.vmap(chunk)
+            chunk = driver.members_program(chunk, members_per_batch)
         else:
             state = jax.jit(experiment.init)(jax.random.PRNGKey(0))
         loops[name] = Loop(chunk, state, chunk_steps)
@@ -219,7 +222,11 @@ def measure(
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = [
+    lines = []
+    if result.get("seeds", 1) > 1:
+        how = "all vmapped" if result["members_per_batch"] == 0 else "mapped one by one"
+        lines += [f"{result['seeds']} seeds in one program ({how}), ms per step of all:", ""]
+    lines += [
         "| method | step (ms) | vs bp | floor (matmul FLOPs / bp's) | XLA's op count / bp's "
         "| target | compile (s) |",
         "|---|---|---|---|---|---|---|",
@@ -243,14 +250,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     provenance = report.Provenance("benchmarks.rules")
     configs, dataset = method_configs(_METHODS.value, _SETTING.value)
-    measured = measure(configs, _CHUNK.value, _REPEATS.value, dataset, _SEEDS.value)
+    members = _MEMBERS.value
+    members = driver.default_members_per_batch() if members is None else members
+    measured = measure(configs, _CHUNK.value, _REPEATS.value, dataset, _SEEDS.value, members)
     first = next(iter(configs.values()))
     result = {
         "command": command_line("benchmarks.rules"),
         "machine": machine_facts(),
         "setting": _SETTING.value,
         "model": f"mlp {first.model.widths} batch {first.batch_size}",
-        "seeds_vmapped": _SEEDS.value,
+        "seeds": _SEEDS.value,
+        "members_per_batch": members,
         "chunk_steps": _CHUNK.value,
         "repeats": _REPEATS.value,
         **measured,
@@ -267,7 +277,13 @@ if __name__ == "__main__":
     _SETTING = flags.DEFINE_enum(
         "setting", "mnist1d", [*SETTINGS, "paper"], "Model, data and batch (module docstring)."
     )
-    _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds vmapped in one program per method.")
+    _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds in one program per method.")
+    _MEMBERS = flags.DEFINE_integer(
+        "members_per_batch",
+        None,
+        "Seeds vmapped at a time in that program (0: all; default: the engine's, "
+        "altlearn.driver.default_members_per_batch).",
+    )
     _CHUNK = flags.DEFINE_integer("chunk_steps", 50, "Steps per timed call.")
     _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per method (median reported).")
     _METHODS = flags.DEFINE_list(

@@ -7,7 +7,9 @@ experiments/configs/digits.py at ``--steps`` steps, evaluated at the start and t
 ways, in one run of this binary:
 
 * sweep: the engine (``altlearn.driver.run``, what ``experiments.sweep`` runs): every point and
-  seed in ONE compiled, vmapped program;
+  seed in ONE compiled program, its members mapped one after another on a CPU
+  (``driver.members_program``) and, for contrast, all vmapped (``members_per_batch=0``, what
+  an accelerator runs);
 * loop: ``make_train(config)`` jitted ONCE (learning rate and seed are traced arrays, so no run
   recompiles), then a Python loop over the runs calling it;
 * processes: one ``python -m experiments.train`` process per run, one after another, with JAX's
@@ -18,9 +20,9 @@ Reported for each: compile time apart from the steady state (the training itself
 XLA compilations (JAX's ``backend_compile_duration`` events; "programs": those over 0.1 s; a
 program loaded from the persistent cache counts, with the time it saved) and the wall time.
 ``--sample=K`` times only K runs of the loop and the processes and scales them to all runs (at
-hundreds of runs the processes would take hours). On XLA:CPU every member of the vmapped
-program still has its own weight matrices, so a sweep cannot make the arithmetic cheaper than
-the loop: what it buys is one compile, one process, one set of outputs and resume.
+hundreds of runs the processes would take hours). On XLA:CPU every member still has its own
+weight matrices, so a sweep cannot make the arithmetic cheaper than the loop: what it buys is
+one compile, one process, one set of outputs and resume.
 """
 
 from __future__ import annotations
@@ -80,12 +82,19 @@ class Compiles:
 
 
 def measure(
-    points: int, seeds: int, steps: int, separate: bool = True, base=None, sample: int = 0
+    points: int,
+    seeds: int,
+    steps: int,
+    separate: bool = True,
+    base=None,
+    sample: int = 0,
+    vmapped: bool = True,
 ) -> dict[str, Any]:
     """The three ways timed; ``base``: the config (default experiments/configs/digits.py; the
     processes always run that file). ``sample`` > 0: the loop and the processes run only that
     many of the runs (spread over the learning rates) and are scaled to all runs
-    (``estimated_from`` says from how many)."""
+    (``estimated_from`` says from how many). ``vmapped``: where the engine maps its members one
+    after another (the CPU default), also time it with the whole member axis vmapped."""
     rates = np.logspace(-4, -2, points)
     base = base or digits.get_config()
     base.steps, base.eval_every = steps, steps
@@ -104,9 +113,12 @@ def measure(
         keys = ("wall_s", "steady_s")
         return {**result, **{k: result[k] * scale for k in keys}, "estimated_from": len(timed)}
 
-    def sweep() -> dict[str, float]:
+    def sweep(members_per_batch: int | None = None) -> dict[str, float]:
         result = driver.run(
-            base, [{"optimizer.learning_rate": float(r)} for r in rates], range(seeds)
+            base,
+            [{"optimizer.learning_rate": float(r)} for r in rates],
+            range(seeds),
+            members_per_batch=members_per_batch,
         )
         return {"compile_s": result.compile_s, "steady_s": result.run_s}
 
@@ -127,8 +139,11 @@ def measure(
                 "compiles_during_runs": len(compiles.durations) - before}  # fmt: skip
 
     start, t = report.cpu_seconds(), time.perf_counter()
+    out["members_per_batch"] = driver.default_members_per_batch()
     out["sweep"] = compiles.measure(sweep)
     out["loop"] = scaled(compiles.measure(loop))
+    if vmapped and out["members_per_batch"] != 0:  # the whole member axis vmapped, for contrast
+        out["sweep_vmapped"] = compiles.measure(lambda: sweep(0))
     # Both timed under the same conditions, one after the other; what else ran meanwhile:
     out["other_processes_busy_cores"] = report.other_load_cores(start, time.perf_counter() - t)
     if separate:
@@ -165,8 +180,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     base = result["loop"]["wall_s"]
+    default = "vmapped" if result.get("members_per_batch", 0) == 0 else "mapped one by one"
     for name, how in (
-        ("sweep", "one vmapped program (the engine)"),
+        ("sweep", f"one program, members {default} (the engine's default)"),
+        ("sweep_vmapped", "one program, all members vmapped (`members_per_batch=0`)"),
         ("loop", "`make_train` jitted once, a Python loop over the runs"),
         ("processes", "one `experiments.train` process per run, compilation cache on"),
     ):
@@ -187,6 +204,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Sweep against the loop: steady state {result['sweep_vs_loop_steady']:.2f}x, compile "
         f"{result['sweep_vs_loop_compile']:.2f}x.",
     ]
+    if "sweep_vmapped" in result:
+        v, loop = result["sweep_vmapped"], result["loop"]
+        lines.append(
+            f"All members vmapped against the loop: steady state "
+            f"{v['steady_s'] / loop['steady_s']:.2f}x, compile "
+            f"{v['compile_s'] / loop['compile_s']:.2f}x."
+        )
     busy = result.get("other_processes_busy_cores")
     if busy is not None:
         lines.append(

@@ -252,6 +252,25 @@ def test_pso_measure_times_the_same_iterations():
         assert set(r["iterations_run"].values()) == {4}, r["iterations_run"]
         assert _positive(r["ratio_pyswarms_over_altlearn"]) and _positive(r["ratio_bound_at_peak"])
     assert "| minibatch (32) |" in pso.markdown_tables(result)
+    raw = result["results"]["evosax"]
+    assert {r["steps_run"] for r in raw.values()} == {4}  # the same iterations on every side
+    assert raw["raw evosax PSO"]["vs_raw_evosax"] == 1.0
+    assert "| raw evosax PSO | 4 |" in pso.markdown_tables(result)
+
+
+def test_raw_evosax_pso_loop_starts_from_altlearns_particles():
+    """The raw loop's first iteration scores altlearn's initial swarm: its personal bests are
+    altlearn's initial positions with their losses on the first batch."""
+    config = pso.make_config("pso", 32, widths=(8,), population_size=4, rescore_bests=False)
+    experiment = Experiment(config)
+    state = jax.jit(experiment.init)(jax.random.PRNGKey(0))
+    init, chunk = harness.make_raw_pso_loop(experiment)
+    raw = jax.jit(init)(state)
+    position = state.rule_state.position
+    first = jax.vmap(lambda p: ravel_pytree(harness.hand_params(experiment, p))[0])(position)
+    np.testing.assert_allclose(raw.pso_state.population_best, first, rtol=1e-6)
+    raw, losses = jax.jit(chunk, static_argnums=1)(raw, 3)
+    assert losses.shape == (3,) and np.all(np.isfinite(losses)) and int(raw.step) == 3
 
 
 # ---------------------------------------------------------------- closed_form
@@ -336,7 +355,12 @@ def test_sweep_benchmark_against_a_loop_that_compiles_once():
     assert result["loop"]["program_compiles"] >= 1
     assert result["sweep"]["program_compiles"] >= 1 and _positive(result["sweep"]["wall_s"])
     assert _positive(result["loop"]["steady_s"]) and _positive(result["sweep_vs_loop_steady"])
-    assert "| one vmapped program (the engine) |" in sweep.markdown_table(result)
-    sampled = sweep.measure(points=3, seeds=1, steps=4, separate=False, base=base, sample=1)
+    table = sweep.markdown_table(result)
+    assert "| one program, members mapped one by one (the engine's default) |" in table
+    assert "| one program, all members vmapped (`members_per_batch=0`) |" in table
+    assert result["sweep_vmapped"]["program_compiles"] >= 1
+    sampled = sweep.measure(
+        points=3, seeds=1, steps=4, separate=False, base=base, sample=1, vmapped=False
+    )
     assert sampled["loop"]["estimated_from"] == 1  # one run timed, scaled to three
     assert "(timed 1 runs, scaled)" in sweep.markdown_table(sampled)

@@ -74,6 +74,21 @@ def test_the_driver_trains_points_by_seeds_and_a_member_equals_its_run_alone(tmp
     np.testing.assert_allclose(one.final("val_loss")[0, 0], runs.final("val_loss")[1, 1], 1e-6)
 
 
+def test_members_vmapped_or_mapped_give_the_same_runs():
+    """members_per_batch 0 (all vmapped, an accelerator's default), 1 (one after another, a
+    CPU's) and 2 (pairs vmapped, mapped over the pairs): the same curves. (1 against a run
+    alone: test_the_driver_trains_points_by_seeds_and_a_member_equals_its_run_alone.)"""
+    config = tiny_config(steps=4)
+    points = [{"optimizer.learning_rate": 1e-3}, {"optimizer.learning_rate": 1e-2}]
+    curves = [
+        driver.run(config, points, seeds=[0, 1], members_per_batch=k).curves["train_loss"]
+        for k in (0, 2)
+    ]
+    for other in curves[1:]:
+        np.testing.assert_allclose(other, curves[0], rtol=1e-5)
+    assert driver.default_members_per_batch() == 1  # the tests run on the CPU backend
+
+
 def test_the_best_iterate_is_chosen_on_validation_per_member():
     """Lowest loss or highest accuracy, the first on ties, NaN never chosen."""
     nan = float("nan")

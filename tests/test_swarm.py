@@ -5,6 +5,7 @@ evaluation equals a full forward pass; sharding, chunking, clamping, NaN handlin
 import functools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -209,6 +210,32 @@ def test_velocity_clamp_bounds_velocities(rule_fn):
     )
     assert float(jnp.max(jnp.abs(velocity))) <= 0.05 + 1e-7
     assert float(jnp.max(jnp.abs(velocity))) > 0.04  # the clamp is active, not vacuous
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_coefficients_draw_one_r_per_particle(shared):
+    """First step from zero velocity with pbest = x: v = c2 r2 (g - x), so v / (g - x) is
+    c2 r2: one number per particle with shared_coefficients, one per coordinate without."""
+    model = models.mlp((6,), 3, widths=(8,))
+    variables, batch = _problem(model)
+    rule = pso(model, TASK, None, {}, 6, init_scale=0.5, velocity_clamp=0.0,
+               shared_coefficients=shared)  # fmt: skip
+    state = rule.init(jax.random.PRNGKey(1), variables)
+    per_particle = jax.vmap(lambda tree: jax.flatten_util.ravel_pytree(tree)[0])
+    x = per_particle(state.position)  # [P, n]
+    # The swarm best of the step (the best of the particles and the incoming network):
+    variables_new, state_new, _ = jax.jit(rule.step)(jax.random.PRNGKey(2), variables, state, batch)
+    g = jax.flatten_util.ravel_pytree(variables_new["params"])[0]
+    v = per_particle(state_new.velocity)
+    moving = np.abs(np.asarray(g - x)) > 1e-3
+    ratio = np.where(moving, np.asarray(v) / np.where(moving, np.asarray(g - x), 1.0), np.nan)
+    movers = np.any(moving, axis=1)  # particle 0 may be the best itself
+    spread = np.nanmax(ratio[movers], axis=1) - np.nanmin(ratio[movers], axis=1)
+    assert movers.sum() >= 4
+    if shared:
+        np.testing.assert_allclose(spread, 0.0, atol=1e-3)
+    else:
+        assert np.all(spread > 0.5)  # r2 ~ U(0, 1) per coordinate, times c2 = 1.49
 
 
 def test_uniform_fast_is_uniform_and_keyed():

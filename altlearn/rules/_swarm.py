@@ -131,6 +131,8 @@ def update_swarm(
     def velocity(v, x, p, g, r):
         r1, r2 = r
         v = coef.inertia * v + coef.cognitive * r1 * (p - x) + coef.social * r2 * (g[None] - x)
+        if isinstance(clamp, (int, float)) and clamp == 0:  # off, known when tracing
+            return v
         return jnp.where(clamp > 0, jnp.clip(v, -clamp, clamp), v)
 
     v = jax.tree.map(velocity, swarm.velocity, swarm.position, pbest, best, r)

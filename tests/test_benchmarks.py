@@ -363,4 +363,6 @@ def test_sweep_benchmark_against_a_loop_that_compiles_once():
         points=3, seeds=1, steps=4, separate=False, base=base, sample=1, vmapped=False
     )
     assert sampled["loop"]["estimated_from"] == 1  # one run timed, scaled to three
+    loop = sampled["loop"]  # the compile counted once, the rest three times
+    assert loop["steady_s"] <= loop["wall_s"] - loop["compile_s"] < 3 * loop["wall_s"]
     assert "(timed 1 runs, scaled)" in sweep.markdown_table(sampled)

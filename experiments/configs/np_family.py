@@ -97,8 +97,6 @@ def get_config(arg: str | None = None):
     config.rule.decorrelation_every = int(v["every"])
     if v["rng"] and "rng_partitionable" in config.rule:  # the noise's threefry mode
         config.rule.rng_partitionable = v["rng"]
-    if v["dist"]:
-        if "noise_distribution" not in config.rule:
-            raise ValueError(f"dist= is an option of the perturbation rules, not of {rule}.")
+    if v["dist"] and "noise_distribution" in config.rule:  # backprop draws no noise
         config.rule.noise_distribution = v["dist"]
     return config

@@ -102,8 +102,9 @@ def method_config(name: str, setting: str) -> ml_collections.ConfigDict:
 def target_of(name: str) -> float | None:
     """The target ratio of method ``name`` (its rule and mode; noise options share it)."""
     method, *mods = name.split("/")
-    key = f"{method}/jvp" if "jvp" in mods else method
-    return TARGETS.get(key)
+    if "jvp" in mods and f"{method}/jvp" in TARGETS:
+        return TARGETS[f"{method}/jvp"]
+    return TARGETS.get(method)  # danp/jvp: danp's
 
 
 def matmul_flops(name: str, dims: Sequence[int], batch: int) -> float | None:

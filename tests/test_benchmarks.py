@@ -190,7 +190,8 @@ def test_rules_floor_counts_each_methods_products():
     assert floor("danp/every4", dims, 1) == 62 + 42 + 36 + (16 + 36) / 4
     assert floor("pso", dims, 1) is None
     assert rules.target_of("np/dist=normal") == 1.2 and rules.target_of("np/jvp") == 1.2
-    assert rules.target_of("danp") == 2.0 and rules.target_of("bp") is None
+    assert rules.target_of("danp") == rules.target_of("danp/jvp") == 2.0
+    assert rules.target_of("bp") is None
 
 
 def test_noise_benchmark_times_every_generator_and_distribution():

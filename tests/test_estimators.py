@@ -258,56 +258,37 @@ def test_the_rule_is_its_noise_draw_and_the_estimate_from_that_noise(tiny):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-def test_node_noise_is_n_0_sigma2_independent_per_sample_and_unit():
-    """draw_noise: eps_l ~ N(0, sigma^2 I), fresh for every noise sample, batch row, unit and
-    layer (a noise shared by the batch or by the noise samples correlates fully)."""
+@pytest.mark.parametrize("distribution", ["normal", "rademacher"])
+def test_node_noise_has_covariance_sigma2_and_is_independent_per_sample_and_unit(distribution):
+    """draw_noise: eps_l of mean 0 and variance sigma^2 (normal: with normal tails; rademacher:
+    every entry exactly +-sigma), fresh for every noise sample, batch row, unit, layer and key
+    (a noise shared by the batch or by the noise samples correlates fully; for rademacher, the
+    32 signs unpacked from one random word are independent bits)."""
     shapes = (
         jax.ShapeDtypeStruct((50, 40), jnp.float32),
         jax.ShapeDtypeStruct((50, 8), jnp.float32),
     )
     draw = jax.jit(draw_noise, static_argnums=(1, 3, 4))
-    eps, keys = draw(jax.random.PRNGKey(0), shapes, 0.01, 25, "normal")
+    eps, keys = draw(jax.random.PRNGKey(0), shapes, 0.01, 25, distribution)
     assert [e.shape for e in eps] == [(25, 50, 40), (25, 50, 8)]
     assert keys.shape[0] == 25
     eps = [np.asarray(e, np.float64) / 0.01 for e in eps]
-    flat = np.concatenate([np.ravel(e) for e in eps])  # 60000 draws
-    assert abs(flat.mean()) < 0.02 and abs(flat.std() - 1) < 0.02
-    assert np.mean(np.abs(flat) > 2) > 0.04  # normal tails (+-1 noise has none)
+    flat_eps = np.concatenate([np.ravel(e) for e in eps])  # 60000 draws
+    assert abs(flat_eps.mean()) < 0.02 and abs(flat_eps.std() - 1) < 0.02
+    if distribution == "normal":
+        assert np.mean(np.abs(flat_eps) > 2) > 0.04  # normal tails (+-1 noise has none)
+    else:
+        np.testing.assert_allclose(np.abs(flat_eps), 1.0, rtol=1e-6)
     corr = lambda a, b: abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
     # Neighbours along each axis of layer 0 (~49000 pairs each: chance correlation ~0.005).
     big = eps[0]
     assert corr(big[:-1], big[1:]) < 0.03  # noise sample s vs s + 1
     assert corr(big[:, :-1], big[:, 1:]) < 0.03  # batch row n vs n + 1
-    assert corr(big[..., :-1], big[..., 1:]) < 0.03  # unit i vs i + 1
-    assert corr(big[..., :8], eps[1]) < 0.05  # layer 0 vs layer 1 (10000 pairs)
-
-
-def test_rademacher_node_noise_is_plus_minus_sigma_independent_per_sample_and_unit():
-    """draw_noise with noise_distribution rademacher: every entry exactly +-sigma, mean 0,
-    variance sigma^2, and no correlation between neighbouring noise samples, batch rows, units
-    or layers (the 32 signs unpacked from one random word are independent bits)."""
-    shapes = (
-        jax.ShapeDtypeStruct((50, 40), jnp.float32),
-        jax.ShapeDtypeStruct((50, 8), jnp.float32),
-    )
-    draw = jax.jit(draw_noise, static_argnums=(1, 3, 4))
-    eps, _ = draw(jax.random.PRNGKey(0), shapes, 0.01, 25, "rademacher")
-    assert [e.shape for e in eps] == [(25, 50, 40), (25, 50, 8)]
-    eps = [np.asarray(e, np.float64) / 0.01 for e in eps]
-    for e in eps:
-        np.testing.assert_allclose(np.abs(e), 1.0, rtol=1e-6)
-    flat_eps = np.concatenate([np.ravel(e) for e in eps])  # 60000 draws
-    assert abs(flat_eps.mean()) < 0.02 and abs(flat_eps.var() - 1) < 0.02
-    corr = lambda a, b: abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-    big = eps[0]
-    assert corr(big[:-1], big[1:]) < 0.03  # noise sample s vs s + 1
-    assert corr(big[:, :-1], big[:, 1:]) < 0.03  # batch row n vs n + 1
     assert corr(big[..., :-1], big[..., 1:]) < 0.03  # unit i vs i + 1 (bits of one word)
     assert corr(big[..., :32], big[..., 32:40].repeat(4, axis=-1)) < 0.03  # word vs next word
-    assert corr(big[..., :8], eps[1]) < 0.05  # layer 0 vs layer 1
-    # Another key: other signs (steps and seeds draw from other keys).
-    again, _ = draw(jax.random.PRNGKey(1), shapes, 0.01, 25, "rademacher")
-    assert corr(big, np.asarray(again[0]) / 0.01) < 0.03
+    assert corr(big[..., :8], eps[1]) < 0.05  # layer 0 vs layer 1 (10000 pairs)
+    again, _ = draw(jax.random.PRNGKey(1), shapes, 0.01, 25, distribution)
+    assert corr(big, np.asarray(again[0]) / 0.01) < 0.03  # another key (step, seed): others
 
 
 def test_an_unknown_noise_distribution_is_refused_naming_the_valid_ones(net):

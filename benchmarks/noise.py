@@ -6,8 +6,10 @@ The perturbation rules draw one noise entry per unit and sample (node perturbati
 weight (weight perturbation, forward gradient) every step; on a CPU the draws are a large part
 of a small step. Timed side by side (``benchmarks.harness.timed_rounds``, compile apart): each
 JAX key implementation (threefry in its classic and its partitionable mode, ``rbg``,
-``unsafe_rbg``) drawing ``normal`` entries, ``rademacher`` entries as the rules draw them (32
-signs unpacked from each 32-bit word, ``altlearn.rules._noise``) and JAX's own
+``unsafe_rbg``) drawing ``normal`` entries and ``rademacher`` entries (32 signs unpacked from
+each 32-bit word) as the rules draw them (``altlearn.rules._noise``: threefry's hash written out
+as one kernel; other generators fall back to JAX's draw) and through JAX's own draw
+(``jax.random.normal``, ``jax.random.bits``: on CPU the hash is a loop of 5 iterations), and
 ``jax.random.rademacher`` (one uniform per entry). Each call draws ``--draws`` arrays of
 ``--shape`` from folded keys inside one compiled loop and sums them (so nothing is skipped);
 the table gives nanoseconds per entry.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from absl import app
 
 from altlearn import report
-from altlearn.rules._noise import rademacher
+from altlearn.rules import _noise
 from benchmarks.harness import (
     busy_cores_line,
     command_line,
@@ -36,8 +38,12 @@ from benchmarks.harness import (
 
 GENERATORS = ("threefry", "threefry partitionable", "rbg", "unsafe_rbg")
 DISTRIBUTIONS = {
-    "normal": lambda k, shape: jax.random.normal(k, shape),
-    "rademacher (32 signs per word)": rademacher,
+    "normal, JAX's draw": lambda k, shape: jax.random.normal(k, shape),
+    "normal": _noise.normal,
+    "rademacher (32 signs per word), JAX's bits": lambda k, shape: _noise.signs(
+        jax.random.bits(k, (-(-math.prod(shape) // 32),), jnp.uint32), shape
+    ),
+    "rademacher (32 signs per word)": _noise.rademacher,
     "jax.random.rademacher": lambda k, shape: jax.random.rademacher(k, shape, jnp.float32),
 }
 
@@ -78,12 +84,12 @@ def measure(shape: tuple[int, ...], draws: int, repeats: int) -> dict[str, Any]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    base = result["results"]["threefry | normal"]["ns_per_entry"]
+    base = result["results"]["threefry | normal, JAX's draw"]["ns_per_entry"]
     lines = [
         f"{result['draws']} draws of shape {tuple(result['shape'])} per call, median of "
         f"{result['repeats']} calls:",
         "",
-        "| generator | distribution | ns / entry | vs threefry normal |",
+        "| generator | distribution | ns / entry | vs threefry normal, JAX's draw |",
         "|---|---|---|---|",
     ]
     for name, r in result["results"].items():

@@ -291,6 +291,27 @@ def test_node_noise_has_covariance_sigma2_and_is_independent_per_sample_and_unit
     assert corr(big, np.asarray(again[0]) / 0.01) < 0.03  # another key (step, seed): others
 
 
+@pytest.mark.parametrize("partitionable", [False, True])
+def test_the_written_out_threefry_draws_jaxs_own_bits_and_normals(partitionable):
+    """_noise.random_bits and _noise.normal equal jax.random.bits and jax.random.normal bit for
+    bit (same stream, faster kernel) in both threefry modes, for raw and typed keys, odd and
+    even sizes, under vmap; another generator (rbg) falls back to JAX's own draw."""
+    from altlearn.rules import _noise
+
+    with jax.threefry_partitionable(partitionable):
+        for key in (jax.random.PRNGKey(3), jax.random.key(11)):
+            for shape in ((1,), (7,), (5, 33), (64,)):
+                want = jax.random.bits(key, shape, jnp.uint32)
+                np.testing.assert_array_equal(_noise.random_bits(key, shape), want)
+                want = jax.random.normal(key, shape, jnp.float32)
+                np.testing.assert_array_equal(_noise.normal(key, shape), want)
+        keys = jax.random.split(jax.random.PRNGKey(5), 3)
+        got = jax.jit(jax.vmap(lambda k: _noise.random_bits(k, (9,))))(keys)
+        np.testing.assert_array_equal(got, jax.vmap(lambda k: jax.random.bits(k, (9,)))(keys))
+    rbg = jax.random.key(2, impl="rbg")
+    np.testing.assert_array_equal(_noise.random_bits(rbg, (6,)), jax.random.bits(rbg, (6,)))
+
+
 def test_an_unknown_noise_distribution_is_refused_naming_the_valid_ones(net):
     model = net[0]
     for rule in ("node_perturbation", "weight_perturbation", "forward_gradient"):

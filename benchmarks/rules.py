@@ -172,6 +172,21 @@ def layer_dims(experiment: Experiment) -> list[int]:
     return [kernels[0][0]] + [k[1] for k in kernels]
 
 
+def method_loop(
+    experiment: Experiment, chunk_steps: int, seeds: int = 1, members_per_batch: int = 0
+) -> Loop:
+    """``chunk_steps`` training steps of ``experiment``, compiled: one run, or ``seeds`` > 1
+    runs in one program as the engine runs them (``driver.members_program``)."""
+    chunk = lambda s: experiment.train_steps(s, chunk_steps)
+    if seeds > 1:
+        keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+        state = jax.jit(jax.vmap(experiment.init))(keys)
+        chunk = driver.members_program(chunk, members_per_batch)
+    else:
+        state = jax.jit(experiment.init)(jax.random.PRNGKey(0))
+    return Loop(chunk, state, chunk_steps)
+
+
 def measure(
     configs: Mapping[str, ml_collections.ConfigDict],
     chunk_steps: int,
@@ -187,14 +202,7 @@ def measure(
     loops, floors, xla = {}, {}, {}
     for name, config in configs.items():
         experiment = Experiment(config, dataset)
-        chunk = lambda s, e=experiment: e.train_steps(s, chunk_steps)
-        if seeds > 1:  # the members in one program, as the engine runs them
-            keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-            state = jax.jit(jax.vmap(experiment.init))(keys)
-            chunk = driver.members_program(chunk, members_per_batch)
-        else:
-            state = jax.jit(experiment.init)(jax.random.PRNGKey(0))
-        loops[name] = Loop(chunk, state, chunk_steps)
+        loops[name] = method_loop(experiment, chunk_steps, seeds, members_per_batch)
         floors[name] = matmul_flops(name, layer_dims(experiment), config.batch_size)
         xla[name] = compiled_flops(loops[name].fn)  # a while loop's body counts once: one step
     rounds = timed_rounds(loops, repeats)

@@ -27,6 +27,7 @@ from benchmarks import (
     hybrid,
     noise,
     overhead,
+    profile,
     pso,
     rules,
     sweep,
@@ -34,7 +35,7 @@ from benchmarks import (
 
 pytestmark = pytest.mark.slow  # each runs a benchmark binary's measurement
 
-MODULES = (closed_form, evolution, harness, hybrid, overhead, pso, rules, sweep)
+MODULES = (closed_form, evolution, harness, hybrid, overhead, profile, pso, rules, sweep)
 
 
 def _positive(value) -> bool:
@@ -175,6 +176,55 @@ def test_rules_methods_time_the_same_steps():
     )
     assert "| np |" in rules.markdown_table(result)
     assert runs["bp"]["floor"] == 1.0 and runs["np"]["floor"] == pytest.approx(1.0, abs=0.2)
+
+
+def test_profile_attributes_each_operation_to_the_function_that_emitted_it():
+    """Every operation's time lands on a source function: node perturbation's noise on
+    _noise.py, its passes on models.py; the difference column is np minus bp; loops are not
+    counted twice (the operations' sum is below the profiled step)."""
+    configs = {"bp": tiny_config("backprop"), "np": tiny_config("node_perturbation")}
+    result = profile.measure(configs, chunk_steps=2, repeats=1, profiled_calls=1)
+    runs = result["results"]
+    sources = runs["np"]["sources_ms"]
+    assert any(s.startswith("altlearn/rules/_noise.py:") for s in sources), sources
+    assert any(s.startswith("altlearn/models.py:") for s in sources), sources
+    assert not any("_noise.py" in s for s in runs["bp"]["sources_ms"])
+    for r in runs.values():
+        assert _positive(r["step_ms"]) and 0 < r["operations_ms"] <= r["profiled_step_ms"]
+        assert math.isclose(sum(r["sources_ms"].values()), r["operations_ms"])
+    assert runs["np"]["operations_run"] > runs["bp"]["operations_run"] > 0  # + noise, + pass
+    table = profile.markdown_table({**result, "seeds": 1}, rows=3)
+    assert "| source (operations emitted there) | bp | np | np - bp |" in table
+    assert table.count("\n| `") == 3 and "| everything else |" in table
+
+
+def test_profile_reads_opcodes_and_stacks_from_the_compiled_text():
+    """A compiled module's text: each instruction's opcode and its source stack, innermost
+    first (the text prints parents one above their ids); the label is the innermost function of
+    this repository, with the library it called into."""
+
+    def h(x):
+        return jax.numpy.sin(x) * 3.0
+
+    def g(x):
+        return h(x) + 1.0
+
+    text = jax.jit(g).lower(jax.numpy.ones(3)).compile().as_text()
+    ops = profile.hlo_operations(text)
+    stacks = [stack for _, stack in ops.values() if stack]
+    assert stacks and all(s[0][1].endswith("h") or s[0][1].endswith("g") for s in stacks)
+    innermost = max(stacks, key=len)  # h, called by g, called by this test
+    assert [f[1].split(".")[-1] for f in innermost[:2]] == ["h", "g"]
+    label = profile.source_label(innermost)
+    assert label.startswith("tests/test_benchmarks.py:") and label.endswith(".h")
+    here = str(profile.REPO / "altlearn" / "models.py")
+    flax_frame = ("/x/site-packages/flax/linen/linear.py", "Dense.__call__", 3)
+    assert profile.source_label([flax_frame, (here, "LayeredModel.apply", 9)]) == (
+        "altlearn/models.py:LayeredModel.apply > flax"
+    )
+    assert profile.source_label([flax_frame]) == "(no source)"
+    assert profile._opcode("(s32[], f32[2]{0}) while(%t), body=%b") == "while"
+    assert profile._opcode("f32[2,2]{1,0} dot(%a, %b)") == "dot"
 
 
 def test_rules_floor_counts_each_methods_products():

@@ -57,7 +57,7 @@ from benchmarks.harness import (
 )
 from benchmarks.rules import SETTINGS, method_configs, method_loop
 
-REPO = Path(__file__).resolve().parents[1]
+REPO_PACKAGES = ("altlearn", "benchmarks", "experiments", "tests")
 CONTROL_FLOW = {"while", "conditional", "call"}  # their bodies' operations are the events
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
 
@@ -141,11 +141,15 @@ def hlo_operations(hlo_text: str) -> dict[str, tuple[str, list[Frame]]]:
 
 
 def _package(file: str) -> str | None:
-    """A file's place: its path inside this repository, or None outside it."""
-    try:
-        return str(Path(file).resolve().relative_to(REPO))
-    except ValueError:
+    """A file's path from this repository's top-level package on (``altlearn/models.py``), or
+    None for a file of no such package (an installed library, ``<frozen runpy>``). Read from the
+    path's parts, not from this checkout: a compiled program from the compilation cache names
+    the files of the checkout that compiled it."""
+    parts = Path(file).parts
+    if "site-packages" in parts:
         return None
+    tops = [i for i, part in enumerate(parts) if part in REPO_PACKAGES]
+    return "/".join(parts[tops[-1] :]) if tops else None
 
 
 def source_label(stack: Sequence[Frame]) -> str:

@@ -39,6 +39,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from altlearn import prng
+
 Variables = dict[str, Any]  # flax variables: {'params': ..., optionally 'decorrelation': ...}
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid", "identity")
@@ -269,7 +271,7 @@ class LayeredModel:
         feedback = variables.get("feedback", {})
         keys = [None] * self.num_layers
         if key is not None and self.intrinsic_noise > 0:
-            keys = list(jax.random.split(key, self.num_layers))
+            keys = list(prng.split(key, self.num_layers))
         inputs, preacts = [], []
         h = x
         for i, name in enumerate(self.layer_names):

@@ -36,7 +36,7 @@ import numpy as np
 
 from altlearn import config as config_lib
 from altlearn import data as data_lib
-from altlearn import losses, models, optimizers, rules
+from altlearn import losses, models, optimizers, prng, rules
 
 
 class TrainState(NamedTuple):
@@ -212,7 +212,7 @@ class Experiment:
     def train_step(self, state: TrainState, batch: rules.base.Batch):
         """One step of the rule on ``batch``; the rule's key is fold_in(key, step)."""
         rule = self.build_rule(state.hparams)
-        key_rule = jax.random.fold_in(jax.random.split(state.key)[1], state.step)
+        key_rule = prng.fold_in(prng.split(state.key)[1], state.step)
         variables, rule_state, metrics = rule.step(
             key_rule, state.variables, state.rule_state, batch
         )

@@ -292,24 +292,37 @@ def test_node_noise_has_covariance_sigma2_and_is_independent_per_sample_and_unit
 
 
 @pytest.mark.parametrize("partitionable", [False, True])
-def test_the_written_out_threefry_draws_jaxs_own_bits_and_normals(partitionable):
-    """_noise.random_bits and _noise.normal equal jax.random.bits and jax.random.normal bit for
-    bit (same stream, faster kernel) in both threefry modes, for raw and typed keys, odd and
-    even sizes, under vmap; another generator (rbg) falls back to JAX's own draw."""
-    from altlearn.rules import _noise
+def test_the_written_out_threefry_is_jaxs_own_stream(partitionable):
+    """altlearn.prng's random_bits, normal, split and fold_in equal JAX's, bit for bit (same
+    stream, faster kernel), in both threefry modes, for raw and typed keys, odd and even sizes,
+    under jit and vmap; another generator (rbg) falls back to JAX's own functions."""
+    from altlearn import prng
 
+    equal = np.testing.assert_array_equal
     with jax.threefry_partitionable(partitionable):
         for key in (jax.random.PRNGKey(3), jax.random.key(11)):
+            data = jax.random.key_data
             for shape in ((1,), (7,), (5, 33), (64,)):
-                want = jax.random.bits(key, shape, jnp.uint32)
-                np.testing.assert_array_equal(_noise.random_bits(key, shape), want)
-                want = jax.random.normal(key, shape, jnp.float32)
-                np.testing.assert_array_equal(_noise.normal(key, shape), want)
+                equal(prng.random_bits(key, shape), jax.random.bits(key, shape, jnp.uint32))
+                equal(prng.normal(key, shape), jax.random.normal(key, shape, jnp.float32))
+            for num in (1, 2, 3):
+                equal(data(prng.split(key, num)), data(jax.random.split(key, num)))
+            for d in (0, 5, 2**31 + 7):
+                equal(data(prng.fold_in(key, d)), data(jax.random.fold_in(key, d)))
         keys = jax.random.split(jax.random.PRNGKey(5), 3)
-        got = jax.jit(jax.vmap(lambda k: _noise.random_bits(k, (9,))))(keys)
-        np.testing.assert_array_equal(got, jax.vmap(lambda k: jax.random.bits(k, (9,)))(keys))
+        got = jax.jit(jax.vmap(lambda k: prng.random_bits(k, (9,))))(keys)
+        equal(got, jax.vmap(lambda k: jax.random.bits(k, (9,)))(keys))
+        got = jax.jit(jax.vmap(lambda k, i: prng.fold_in(prng.split(k)[1], i)))(keys, jnp.arange(3))
+        equal(
+            got,
+            jax.vmap(lambda k, i: jax.random.fold_in(jax.random.split(k)[1], i))(
+                keys, jnp.arange(3)
+            ),
+        )
     rbg = jax.random.key(2, impl="rbg")
-    np.testing.assert_array_equal(_noise.random_bits(rbg, (6,)), jax.random.bits(rbg, (6,)))
+    equal(prng.random_bits(rbg, (6,)), jax.random.bits(rbg, (6,)))
+    equal(jax.random.key_data(prng.split(rbg, 3)), jax.random.key_data(jax.random.split(rbg, 3)))
+    equal(prng.normal(key, (3,), jnp.float16), jax.random.normal(key, (3,), jnp.float16))
 
 
 def test_an_unknown_noise_distribution_is_refused_naming_the_valid_ones(net):

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from altlearn import prng
 from altlearn.losses import Task
 from altlearn.models import LayeredModel, Model
 from altlearn.rules._noise import check_distribution, unit_noise
@@ -112,12 +113,12 @@ def draw_noise(
     num_layers = len(preacts)
 
     def one_sample(key_sample):
-        key_eps, key_system = jax.random.split(key_sample)
-        keys = jax.random.split(key_eps, num_layers)
+        key_eps, key_system = prng.split(key_sample)
+        keys = prng.split(key_eps, num_layers)
         eps = [sigma * unit_noise(k, a.shape, a.dtype, distribution) for k, a in zip(keys, preacts)]
         return eps, key_system
 
-    return jax.vmap(one_sample)(jax.random.split(key, num_noise_samples))
+    return jax.vmap(one_sample)(prng.split(key, num_noise_samples))
 
 
 def estimate_from_noise(
@@ -195,7 +196,7 @@ def estimate_from_noise(
             return [d * _per_sample(total_units * dl / s, d) for d in da]
         # inp: pass l perturbs only layer l
         errors = []
-        for i, k in enumerate(jax.random.split(key_system, num_layers)):
+        for i, k in enumerate(prng.split(key_system, num_layers)):
             noise = [eps[i] if j == i else None for j in range(num_layers)]
             dl, da = perturbed(noise, k)
             units = math.prod(da[i].shape[1:])
@@ -254,7 +255,7 @@ def node_perturbation(
     check_distribution(noise_distribution)
 
     def estimate(key, variables, state, batch):
-        key_clean, key_noise = jax.random.split(key)
+        key_clean, key_noise = prng.split(key)
         shapes = model.preact_shapes(variables, batch[0])
         eps, keys_system = draw_noise(
             key_noise, shapes, sigma, num_noise_samples, noise_distribution

@@ -8,8 +8,9 @@ of a small step. Timed side by side (``benchmarks.harness.timed_rounds``, compil
 JAX key implementation (threefry in its classic and its partitionable mode, ``rbg``,
 ``unsafe_rbg``) drawing ``normal`` entries and ``rademacher`` entries (32 signs unpacked from
 each 32-bit word) as the rules draw them (``altlearn.rules._noise`` through ``altlearn.prng``:
-threefry's hash written out as one kernel; other generators fall back to JAX's draw) and through JAX's own draw
-(``jax.random.normal``, ``jax.random.bits``: on CPU the hash is a loop of 5 iterations), and
+threefry's hash written out as one kernel; other generators fall back to JAX's draw) and
+through JAX's own draw (``jax.random.normal``, ``jax.random.bits``: on CPU the hash is a loop of
+5 iterations), and
 ``jax.random.rademacher`` (one uniform per entry). Each call draws ``--draws`` arrays of
 ``--shape`` from folded keys inside one compiled loop and sums them (so nothing is skipped);
 the table gives nanoseconds per entry.

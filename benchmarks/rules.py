@@ -14,8 +14,11 @@ vmapped with ``--members_per_batch=0``), every method alike.
 Each method's ``chunk_steps`` training steps are compiled ahead of time (compile time reported
 apart) and timed as one call (``benchmarks.harness.Loop``); after one untimed warm-up round the
 methods' calls are interleaved round-robin ``repeats`` times so machine noise hits all of them
-alike, and the median is reported. Every method's timed calls cover the same number of steps:
-the JSON records each run's own step counter at the end (``steps_run``).
+alike. A step time is the median call; a ratio is paired by round (the median over rounds of
+the method's call over backprop's call in the same round, with the range over rounds beside
+it), so a slow stretch of the machine weighs on both sides of it. Every method's timed calls
+cover the same number of steps: the JSON records each run's own step counter at the end
+(``steps_run``).
 
 The floor (``matmul_flops``) is the matrix-product arithmetic a method cannot avoid, over
 backprop's: for an MLP with products F_l = 2 B d_{l-1} d_l, backprop does the forward pass,
@@ -196,7 +199,9 @@ def measure(
     members_per_batch: int = 0,
 ) -> dict[str, Any]:
     """Median seconds per step of each config, interleaved; compile times apart. The first
-    config is the baseline of ``ratio_vs_first`` (and of ``floor``); ``seeds`` > 1 runs that
+    config is the baseline of ``ratio_vs_first`` (the median over rounds of each round's call
+    time over the baseline's in the same round; ``ratio_range`` their extremes) and of
+    ``floor``; ``seeds`` > 1 runs that
     many seeds in one program for every config, ``members_per_batch`` of them vmapped at a time
     (``altlearn.driver.members_program``; 0: all)."""
     loops, floors, xla = {}, {}, {}
@@ -210,10 +215,14 @@ def measure(
     first = next(iter(loops))
     results = {}
     for name, loop in loops.items():
+        # Paired: each round's call over the baseline's call of the same round, so a slow
+        # stretch of the machine weighs on both sides of a ratio alike.
+        paired = [t / b for t, b in zip(rounds.times[name], rounds.times[first], strict=True)]
         steps_run = np.asarray(loop.state.step)  # the run's own counter, warm-up included
         results[name] = {
             "step_ms": 1e3 * median[name],
-            "ratio_vs_first": median[name] / median[first],
+            "ratio_vs_first": statistics.median(paired),
+            "ratio_range": [min(paired), max(paired)],
             "floor": None
             if None in (floors[name], floors[first])
             else floors[name] / floors[first],
@@ -236,8 +245,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         how = "all vmapped" if result["members_per_batch"] == 0 else "mapped one by one"
         lines += [f"{result['seeds']} seeds in one program ({how}), ms per step of all:", ""]
     lines += [
-        "| method | step (ms) | vs bp | floor (matmul FLOPs / bp's) | XLA's op count / bp's "
-        "| target | compile (s) |",
+        "| method | step (ms) | vs bp (range over rounds) | floor (matmul FLOPs / bp's) "
+        "| XLA's op count / bp's | target | compile (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in result["results"].items():
@@ -247,7 +256,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         if r["target"] is not None:
             target += " met" if r["ratio_vs_first"] <= r["target"] else " **not met**"
         lines.append(
-            f"| {name} | {r['step_ms']:.3f} | {r['ratio_vs_first']:.2f}x | {floor} "
+            f"| {name} | {r['step_ms']:.3f} | {r['ratio_vs_first']:.2f}x "
+            f"({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) | {floor} "
             f"| {xla} | {target} | {r['compile_s']:.1f} |"
         )
     busy = busy_cores_line(result)

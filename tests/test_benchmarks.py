@@ -171,24 +171,25 @@ def test_rules_methods_time_the_same_steps():
     assert [r["steps_run"] for r in runs.values()] == [3 * 3, 3 * 3]  # warm-up + 2 rounds
     assert [r["timed_calls"] for r in runs.values()] == [2, 2]
     assert all(_positive(r["step_ms"]) and _positive(r["compile_s"]) for r in runs.values())
-    assert runs["np"]["ratio_vs_first"] == pytest.approx(
-        runs["np"]["step_ms"] / runs["bp"]["step_ms"]
-    )
+    # Paired by round: the median of np's call over bp's call of the same round.
+    lo, hi = runs["np"]["ratio_range"]
+    assert lo <= runs["np"]["ratio_vs_first"] <= hi and runs["bp"]["ratio_range"] == [1.0, 1.0]
     assert "| np |" in rules.markdown_table(result)
     assert runs["bp"]["floor"] == 1.0 and runs["np"]["floor"] == pytest.approx(1.0, abs=0.2)
 
 
 def test_profile_attributes_each_operation_to_the_function_that_emitted_it():
-    """Every operation's time lands on a source function: node perturbation's noise on
-    _noise.py, its passes on models.py; the difference column is np minus bp; loops are not
-    counted twice (the operations' sum is below the profiled step)."""
+    """Every operation's time lands on a source function: node perturbation's estimator on
+    node_perturbation.py (backprop has none there), its passes on models.py; the difference
+    column is np minus bp; loops are not counted twice (the operations' sum is below the
+    profiled step)."""
     configs = {"bp": tiny_config("backprop"), "np": tiny_config("node_perturbation")}
     result = profile.measure(configs, chunk_steps=2, repeats=1, profiled_calls=1)
     runs = result["results"]
     sources = runs["np"]["sources_ms"]
-    assert any(s.startswith("altlearn/rules/_noise.py:") for s in sources), sources
+    assert any(s.startswith("altlearn/rules/node_perturbation.py:") for s in sources), sources
     assert any(s.startswith("altlearn/models.py:") for s in sources), sources
-    assert not any("_noise.py" in s for s in runs["bp"]["sources_ms"])
+    assert not any("node_perturbation.py" in s for s in runs["bp"]["sources_ms"])
     for r in runs.values():
         assert _positive(r["step_ms"]) and 0 < r["operations_ms"] <= r["profiled_step_ms"]
         assert math.isclose(sum(r["sources_ms"].values()), r["operations_ms"])

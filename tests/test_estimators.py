@@ -302,12 +302,12 @@ def test_the_written_out_threefry_is_jaxs_own_stream(partitionable):
     with jax.threefry_partitionable(partitionable):
         for key in (jax.random.PRNGKey(3), jax.random.key(11)):
             data = jax.random.key_data
-            for shape in ((1,), (7,), (5, 33), (64,)):
+            for shape in ((7,), (5, 33)):  # odd, and even over two dimensions
                 equal(prng.random_bits(key, shape), jax.random.bits(key, shape, jnp.uint32))
                 equal(prng.normal(key, shape), jax.random.normal(key, shape, jnp.float32))
-            for num in (1, 2, 3):
+            for num in (1, 2):
                 equal(data(prng.split(key, num)), data(jax.random.split(key, num)))
-            for d in (0, 5, 2**31 + 7):
+            for d in (5, 2**31 + 7):
                 equal(data(prng.fold_in(key, d)), data(jax.random.fold_in(key, d)))
         keys = jax.random.split(jax.random.PRNGKey(5), 3)
         got = jax.jit(jax.vmap(lambda k: prng.random_bits(k, (9,))))(keys)

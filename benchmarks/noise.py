@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import app
 
-from altlearn import report
+from altlearn import prng, report
 from altlearn.rules import _noise
 from benchmarks.harness import (
     busy_cores_line,
@@ -40,7 +40,7 @@ from benchmarks.harness import (
 GENERATORS = ("threefry", "threefry partitionable", "rbg", "unsafe_rbg")
 DISTRIBUTIONS = {
     "normal, JAX's draw": lambda k, shape: jax.random.normal(k, shape),
-    "normal": _noise.normal,
+    "normal": prng.normal,
     "rademacher (32 signs per word), JAX's bits": lambda k, shape: _noise.signs(
         jax.random.bits(k, (-(-math.prod(shape) // 32),), jnp.uint32), shape
     ),

@@ -45,17 +45,21 @@ import ml_collections
 from absl import app
 
 from altlearn import data as data_lib
-from altlearn import driver, report
+from altlearn import report
 from altlearn.train import Experiment
 from benchmarks.harness import (
     Loop,
     busy_cores_line,
-    command_line,
-    machine_facts,
     timed_rounds,
     write_json,
 )
-from benchmarks.rules import SETTINGS, method_configs, method_loop
+from benchmarks.rules import (
+    SETTINGS,
+    members_per_batch,
+    method_configs,
+    method_loop,
+    run_header,
+)
 
 REPO_PACKAGES = ("altlearn", "benchmarks", "experiments", "tests")
 CONTROL_FLOW = {"while", "conditional", "call"}  # their bodies' operations are the events
@@ -282,24 +286,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     provenance = report.Provenance("benchmarks.profile")
     configs, dataset = method_configs(_METHODS.value, _SETTING.value)
-    members = _MEMBERS.value
-    members = driver.default_members_per_batch() if members is None else members
+    members = members_per_batch(_MEMBERS.value)
     measured = measure(
         configs, _CHUNK.value, _REPEATS.value, _PROFILED.value, dataset, _SEEDS.value, members
     )
-    first = next(iter(configs.values()))
-    result = {
-        "command": command_line("benchmarks.profile"),
-        "machine": machine_facts(),
-        "setting": _SETTING.value,
-        "model": f"mlp {first.model.widths} batch {first.batch_size}",
-        "seeds": _SEEDS.value,
-        "members_per_batch": members,
-        "chunk_steps": _CHUNK.value,
-        "repeats": _REPEATS.value,
-        "profiled_calls": _PROFILED.value,
-        **measured,
-    }
+    header = run_header(
+        "benchmarks.profile", configs, _SETTING.value, _SEEDS.value, members, _CHUNK.value,
+        _REPEATS.value,
+    )  # fmt: skip
+    result = {**header, "profiled_calls": _PROFILED.value, **measured}
     out = write_json(result, _OUT.value, markdown_table(result), provenance)
     print(markdown_table(result))
     print(f"\nWrote {out}.")

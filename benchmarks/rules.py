@@ -264,26 +264,46 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join([*lines, "", busy] if busy else lines)
 
 
+def members_per_batch(flag_value: int | None) -> int:
+    """The ``--members_per_batch`` flag's value, or the engine's default where it is unset."""
+    return driver.default_members_per_batch() if flag_value is None else flag_value
+
+
+def run_header(
+    binary: str,
+    configs: Mapping[str, ml_collections.ConfigDict],
+    setting: str,
+    seeds: int,
+    members: int,
+    chunk_steps: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """What a per-method binary (this one, ``benchmarks.profile``) records about its run."""
+    first = next(iter(configs.values()))
+    return {
+        "command": command_line(binary),
+        "machine": machine_facts(),
+        "setting": setting,
+        "model": f"mlp {first.model.widths} batch {first.batch_size}",
+        "seeds": seeds,
+        "members_per_batch": members,
+        "chunk_steps": chunk_steps,
+        "repeats": repeats,
+    }
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     provenance = report.Provenance("benchmarks.rules")
     configs, dataset = method_configs(_METHODS.value, _SETTING.value)
-    members = _MEMBERS.value
-    members = driver.default_members_per_batch() if members is None else members
+    members = members_per_batch(_MEMBERS.value)
     measured = measure(configs, _CHUNK.value, _REPEATS.value, dataset, _SEEDS.value, members)
-    first = next(iter(configs.values()))
-    result = {
-        "command": command_line("benchmarks.rules"),
-        "machine": machine_facts(),
-        "setting": _SETTING.value,
-        "model": f"mlp {first.model.widths} batch {first.batch_size}",
-        "seeds": _SEEDS.value,
-        "members_per_batch": members,
-        "chunk_steps": _CHUNK.value,
-        "repeats": _REPEATS.value,
-        **measured,
-    }
+    header = run_header(
+        "benchmarks.rules", configs, _SETTING.value, _SEEDS.value, members, _CHUNK.value,
+        _REPEATS.value,
+    )  # fmt: skip
+    result = {**header, **measured}
     out = write_json(result, _OUT.value, markdown_table(result), provenance)
     print(markdown_table(result))
     print(f"\nWrote {out}.")
